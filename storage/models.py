@@ -163,6 +163,9 @@ class EvalResult(SQLModel, table=True):
     target: str
     dataset: str
     perplexity: float
+    # Share of positions whose top-1 token equals BF16's top-1 (1.0 for BF16 itself).
     token_agreement: float | None = None
+    # Next-token top-1 accuracy against the text itself, in [0, 1]; compared to BF16 in points.
+    top1_accuracy: float | None = None
     num_tokens: int = 0
     created_at: float = Field(default_factory=now)
