@@ -34,7 +34,9 @@ LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=40), heig
 
 
 def variant_color(name: str) -> str:
-    """The colour of a variant (or any other series name): fixed for known ones, stable otherwise."""
+    """The colour of a variant (or any other series name): fixed for known ones, stable otherwise.
+    A fixed policy `all-<variant>` (how evaluations name a variant alone) gets its variant's colour."""
+    name = name.removeprefix("all-")
     if name in VARIANT_COLORS:
         return VARIANT_COLORS[name]
     palette = qualitative.Safe

@@ -1,0 +1,241 @@
+"""Read-only views for the UI: DB rows -> pandas DataFrames (and the jobs table as HTML).
+
+The Gradio callbacks call these and hand the frames to `workbench.plots` or to a table; they never
+run SQL themselves. Times in the telemetry frames are also given as `t_s`, seconds since the run
+started, because that is what a timeline axis wants.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+
+import pandas as pd
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from storage.models import Checkpoint, EvalResult, Job, RequestRecord, Run, SourceModel, StepRecord, Variant
+
+__all__ = [
+    "JOB_COLUMNS",
+    "jobs_frame",
+    "render_jobs_html",
+    "models_frame",
+    "checkpoints_frame",
+    "variants_frame",
+    "checkpoint_manifest",
+    "eval_frame",
+    "runs_frame",
+    "latest_run_id",
+    "steps_frame",
+    "requests_frame",
+    "request_record",
+    "format_variant_mix",
+]
+
+JOB_COLUMNS = ["id", "kind", "title", "status", "stage", "percent", "eta_s", "message", "attempts",
+               "created_at", "started_at", "finished_at", "error", "log_tail"]
+STEP_COLUMNS = ["step", "ts", "t_s", "duration_ms", "num_prefill_tokens", "num_decode_reqs", "variant", "phase",
+                "policy_name"]
+REQUEST_COLUMNS = ["request_id", "arrival_ts", "t_s", "ttft_ms", "tpot_ms", "prompt_tokens", "output_tokens",
+                   "variant_mix", "error"]
+STATUS_COLORS = {"queued": "#7f7f7f", "running": "#1f77b4", "done": "#2ca02c", "failed": "#d62728",
+                 "cancelled": "#8c564b", "interrupted": "#ff7f0e"}
+
+
+def _frame(rows: list, columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame([r.model_dump() for r in rows], columns=columns)
+
+
+def jobs_frame(engine: Engine, *, limit: int = 200) -> pd.DataFrame:
+    """The newest `limit` jobs, newest first, with the columns of `JOB_COLUMNS`."""
+    with Session(engine) as session:
+        rows = session.exec(select(Job).order_by(col(Job.id).desc()).limit(limit)).all()
+    return _frame(rows, JOB_COLUMNS)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or pd.isna(seconds):
+        return ""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def render_jobs_html(jobs: pd.DataFrame, *, log_lines: int = 4, now: float | None = None) -> str:
+    """The queue as an HTML table: a progress bar per job, stage, ETA, elapsed time and the last
+    `log_lines` lines of its log (the error instead, for a failed job). Everything user-typed is
+    escaped: a job title is text, never markup."""
+    if jobs.empty:
+        return "<p class='fq-empty'>No jobs yet. Submit one above.</p>"
+    now = time.time() if now is None else now
+    out = ["<table class='fq-jobs'><thead><tr><th>#</th><th>job</th><th>status</th><th>progress</th>"
+           "<th>stage</th><th>ETA</th><th>elapsed</th><th>log</th></tr></thead><tbody>"]
+    for job in jobs.itertuples():
+        status = str(job.status)
+        percent = 100.0 if status == "done" else float(job.percent or 0.0)
+        color = STATUS_COLORS.get(status, "#7f7f7f")
+        end = job.finished_at if job.finished_at and not pd.isna(job.finished_at) else now
+        elapsed = end - job.started_at if job.started_at and not pd.isna(job.started_at) else None
+        text = job.error if status == "failed" and job.error else (job.log_tail or "")
+        tail = "\n".join(str(text).rstrip().splitlines()[-log_lines:])
+        title = job.title or job.kind
+        eta = _fmt_duration(job.eta_s) if status == "running" else ""
+        out.append(
+            f"<tr data-job-id='{int(job.id)}' data-status='{html.escape(status)}'>"
+            f"<td>{int(job.id)}</td><td>{html.escape(str(title))}<br><small>{html.escape(str(job.kind))}"
+            f"{' · attempt ' + str(job.attempts) if job.attempts and job.attempts > 1 else ''}</small></td>"
+            f"<td><span class='fq-status' style='color:{color}'>{html.escape(status)}</span></td>"
+            f"<td><div class='fq-bar' title='{percent:.0f}%'><div style='width:{percent:.1f}%;background:{color}'>"
+            f"</div></div><small>{percent:.0f}%</small></td>"
+            f"<td>{html.escape(str(job.stage or ''))}<br><small>{html.escape(str(job.message or ''))}</small></td>"
+            f"<td>{eta}</td><td>{_fmt_duration(elapsed)}</td>"
+            f"<td><pre class='fq-log'>{html.escape(tail)}</pre></td></tr>"
+        )
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def models_frame(engine: Engine) -> pd.DataFrame:
+    """Registered source models: name, architecture, layers, parameters, size, default flag, path."""
+    with Session(engine) as session:
+        rows = session.exec(select(SourceModel).order_by(SourceModel.id)).all()
+    df = _frame(rows, ["id", "name", "architecture", "num_layers", "num_params", "size_bytes", "dtype",
+                       "is_default", "path"])
+    df["size_mb"] = (df["size_bytes"] / 2**20).round(1)
+    return df.drop(columns=["size_bytes"])
+
+
+def checkpoints_frame(engine: Engine) -> pd.DataFrame:
+    """Published checkpoints with their size in MiB and variant names."""
+    with Session(engine) as session:
+        rows = session.exec(select(Checkpoint).order_by(Checkpoint.id)).all()
+        variants = session.exec(select(Variant)).all()
+    df = _frame(rows, ["id", "name", "kind", "size_bytes", "path", "created_at"])
+    names = {}
+    for v in variants:
+        names.setdefault(v.checkpoint_id, []).append(v.name)
+    df["variants"] = [", ".join(names.get(i, [])) for i in df["id"]]
+    df["size_mb"] = (df["size_bytes"] / 2**20).round(1)
+    return df[["id", "name", "kind", "variants", "size_mb", "path"]]
+
+
+def variants_frame(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
+    """The variants of one checkpoint: scheme, group size and resident weight size in MiB."""
+    with Session(engine) as session:
+        rows = session.exec(select(Variant).where(Variant.checkpoint_id == checkpoint_id).order_by(Variant.id)).all()
+    df = _frame(rows, ["name", "scheme", "group_size", "weight_bytes"])
+    df["weight_mb"] = (df["weight_bytes"] / 2**20).round(2)
+    return df.drop(columns=["weight_bytes"])
+
+
+def checkpoint_manifest(engine: Engine, checkpoint_id: int) -> dict:
+    """The checkpoint's manifest (source, recipe, files, versions) as a dict; {} if unreadable."""
+    with Session(engine) as session:
+        row = session.get(Checkpoint, checkpoint_id)
+    if row is None:
+        return {}
+    try:
+        return json.loads(row.manifest_json or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def eval_frame(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
+    """The newest evaluation of each target of a checkpoint, BF16 first, with the perplexity change
+    against BF16 in percent (`ppl_vs_bf16_pct`) when a BF16 row exists."""
+    with Session(engine) as session:
+        rows = session.exec(select(EvalResult).where(EvalResult.checkpoint_id == checkpoint_id)
+                            .order_by(EvalResult.id)).all()
+    df = _frame(rows, ["target", "dataset", "perplexity", "token_agreement", "top1_accuracy", "num_tokens"])
+    df = df.drop_duplicates("target", keep="last")  # a re-run evaluation supersedes the old one
+    order = df["target"].map(lambda t: (t != "bf16", not str(t).startswith("all-"), t))
+    df = df.iloc[sorted(range(len(df)), key=lambda i: order.iloc[i])].reset_index(drop=True)
+    bf16 = df.loc[df["target"] == "bf16", "perplexity"]
+    df["ppl_vs_bf16_pct"] = ((df["perplexity"] / bf16.iloc[0] - 1) * 100).round(2) if not bf16.empty else None
+    return df
+
+
+def runs_frame(engine: Engine, *, limit: int = 50) -> pd.DataFrame:
+    """The newest runs (serving sessions, benchmarks), newest first."""
+    with Session(engine) as session:
+        rows = session.exec(select(Run).order_by(col(Run.id).desc()).limit(limit)).all()
+    return _frame(rows, ["id", "kind", "runtime", "checkpoint_path", "policy_name", "status", "started_at",
+                         "ended_at"])
+
+
+def latest_run_id(engine: Engine, *, kind: str = "serve") -> int | None:
+    """The id of the newest run of `kind`, or None."""
+    with Session(engine) as session:
+        row = session.exec(select(Run.id).where(Run.kind == kind).order_by(col(Run.id).desc())).first()
+    return row
+
+
+def _run_start(session: Session, run_id: int) -> float:
+    run = session.get(Run, run_id)
+    return run.started_at if run is not None else 0.0
+
+
+def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFrame:
+    """The last `last` engine steps of a run in step order, with `t_s` and `phase` ("prefill" when the
+    step had prefill tokens, else "decode") added."""
+    with Session(engine) as session:
+        start = _run_start(session, run_id)
+        rows = session.exec(select(StepRecord).where(StepRecord.run_id == run_id)
+                            .order_by(col(StepRecord.step).desc()).limit(last)).all()
+    df = pd.DataFrame([r.model_dump() for r in reversed(rows)],
+                      columns=[c for c in STEP_COLUMNS if c not in ("t_s", "phase")])
+    df["t_s"] = df["ts"] - start
+    df["phase"] = ["prefill" if n > 0 else "decode" for n in df["num_prefill_tokens"]]
+    return df[STEP_COLUMNS]
+
+
+def requests_frame(engine: Engine, run_id: int, *, last: int = 1000) -> pd.DataFrame:
+    """The last `last` requests of a run by arrival, `t_s` = finish time since the run started (NaN
+    while running), `variant_mix` = {variant: share of its decode steps}."""
+    with Session(engine) as session:
+        start = _run_start(session, run_id)
+        rows = session.exec(select(RequestRecord).where(RequestRecord.run_id == run_id)
+                            .order_by(col(RequestRecord.id).desc()).limit(last)).all()
+    records = []
+    for r in reversed(rows):
+        item = r.model_dump()
+        item["t_s"] = r.finished_ts - start if r.finished_ts is not None else float("nan")
+        item["variant_mix"] = _parse_mix(r.variant_mix_json)
+        records.append(item)
+    return pd.DataFrame(records, columns=REQUEST_COLUMNS)
+
+
+def _parse_mix(text: str | None) -> dict:
+    try:
+        mix = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return mix if isinstance(mix, dict) else {}
+
+
+def request_record(engine: Engine, request_id: str) -> dict | None:
+    """One request's telemetry (timings, tokens, `variant_mix` dict) by its id, or None if the
+    runtime has not written it yet."""
+    with Session(engine) as session:
+        row = session.exec(select(RequestRecord).where(RequestRecord.request_id == request_id)
+                           .order_by(col(RequestRecord.id).desc())).first()
+    if row is None:
+        return None
+    item = row.model_dump()
+    item["variant_mix"] = _parse_mix(row.variant_mix_json)
+    return item
+
+
+def format_variant_mix(mix: dict) -> str:
+    """`{"w4a16": 9, "w8a8": 1}` (counts or shares) -> "w4a16 90% · w8a8 10%", largest first."""
+    total = sum(float(v) for v in mix.values() if isinstance(v, int | float))
+    if total <= 0:
+        return ""
+    parts = sorted(((k, float(v) / total) for k, v in mix.items() if isinstance(v, int | float)),
+                   key=lambda kv: -kv[1])
+    return " · ".join(f"{k} {share:.0%}" for k, share in parts)
