@@ -25,7 +25,7 @@ from pathlib import Path
 
 from jobs.context import JobContext
 from jobs.progress import Cancelled
-from jobs.queue import finish, get_job
+from jobs.queue import finish, get_job, remove_work_dir
 from jobs.registry import get_kind, import_kind_modules
 from storage.db import make_engine
 
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     def fail(exc: BaseException, lines: list[str]) -> int:
         ctx.flush(force=True)
         error = readable_error(exc)
+        remove_work_dir(ctx.work_dir)  # gone before anyone sees the final status
         finish(engine, job.id, args.worker_id, "failed", error=error, message=error,
                peak_rss_bytes=_peak_rss_bytes(), log_lines=lines)
         log.error("job %s failed: %s", job.id, error)
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         return fail(ValueError(f"job kind {job.kind!r} returned a result that is not JSON: {exc}"), [])
     ctx.flush(force=True)
+    remove_work_dir(ctx.work_dir)
     finish(engine, job.id, args.worker_id, "done", result_json=result_json, stage="done", percent=100.0,
            eta_s=None, peak_rss_bytes=_peak_rss_bytes())
     return EXIT_DONE
