@@ -42,10 +42,11 @@ class JobContext(Reporter):
         self._pending: dict[str, Any] = {}
         self._lines: list[str] = []
         self._last_flush = 0.0
+        self._last_stage: str | None = None
 
     # --- Reporter API -------------------------------------------------------------------------
     def on_update(self, stage: str, percent: float, message: str, eta_s: float | None) -> None:
-        stage_changed = stage != self._pending.get("stage", stage)
+        stage_changed, self._last_stage = stage != self._last_stage, stage
         self._pending.update(stage=stage, percent=percent, message=message, eta_s=eta_s)
         log.debug("job %s: %s %.1f%% %s", self.job_id, stage, percent, message)
         self.flush(force=stage_changed or percent >= 100.0)

@@ -219,6 +219,10 @@ def append_log(engine: Engine, job_id: int, lines: Sequence[str], *, peak_rss_by
 
 def remove_work_dir(work_dir: str | Path | None) -> None:
     """Delete an attempt's scratch folder (partial outputs are never kept)."""
+    if work_dir and not Path(work_dir).name.startswith("job-"):
+        # The path comes from a DB row; never let a bad value delete a folder the queue did not make.
+        log.warning("not removing %s: not a job work dir (job-<id>-attempt-<n>)", work_dir)
+        return
     if work_dir and Path(work_dir).exists():
         shutil.rmtree(work_dir, ignore_errors=True)
         if Path(work_dir).exists():

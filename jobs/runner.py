@@ -76,14 +76,21 @@ def readable_error(exc: BaseException) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run one claimed attempt; returns the exit code."""
     engine = make_engine(Path(args.db))
-    import_kind_modules(args.modules.split(","))
     job = get_job(engine, args.job_id)
     if job.status != "running" or job.worker_id != args.worker_id:
         log.warning("job %s is %s under %s, not ours; not running it", job.id, job.status, job.worker_id)
         return EXIT_NOT_OURS
-    kind = get_kind(job.kind)
-    ctx = JobContext(job_id=job.id, engine=engine, data_dir=Path(args.data_dir),
-                     work_dir=Path(job.work_dir or args.data_dir), worker_id=args.worker_id)
+    try:
+        import_kind_modules(args.modules.split(","))
+        kind = get_kind(job.kind)
+        if not job.work_dir:
+            raise RuntimeError(f"job {job.id} was claimed without a work_dir; claim it with work_root=...")
+    except Exception as exc:  # noqa: BLE001 - a setup problem must still reach the job row
+        finish(engine, job.id, args.worker_id, "failed", error=readable_error(exc), message=readable_error(exc),
+               log_lines=traceback.format_exc().splitlines())
+        return EXIT_FAILED
+    ctx = JobContext(job_id=job.id, engine=engine, data_dir=Path(args.data_dir), work_dir=Path(job.work_dir),
+                     worker_id=args.worker_id)
     job_running = True
 
     def on_sigterm(_signum: int, _frame: object) -> None:

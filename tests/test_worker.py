@@ -89,7 +89,7 @@ def test_gpu_jobs_run_one_at_a_time_while_cpu_jobs_pass(db_engine, workers, tmp_
 
 
 def test_progress_log_heartbeat_result_and_peak_rss_are_persisted(db_engine, workers, tmp_path):
-    slow = queue.submit(db_engine, "sleep", {"seconds": 4, "steps": 8})
+    slow = queue.submit(db_engine, "sleep", {"seconds": 2.5, "steps": 8})
     busy = queue.submit(db_engine, "progress", {"alloc_mb": 64, "lines": 250})
     workers()
     live = wait_for(lambda: (j := queue.get_job(db_engine, slow.id)).percent > 0 and j.status == "running" and j,
