@@ -30,8 +30,16 @@ class JobContext(Reporter):
     its outputs by renaming them out of it. `data_dir` is the workbench data folder.
     """
 
-    def __init__(self, *, job_id: int, engine: Engine, data_dir: Path, work_dir: Path, worker_id: str,
-                 flush_interval_s: float = 0.5):
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        engine: Engine,
+        data_dir: Path,
+        work_dir: Path,
+        worker_id: str,
+        flush_interval_s: float = 0.5,
+    ):
         super().__init__()
         self.job_id, self.engine, self.worker_id = job_id, engine, worker_id
         self.data_dir, self.work_dir = Path(data_dir), Path(work_dir)
@@ -59,6 +67,10 @@ class JobContext(Reporter):
         self._lines.append(line)
         self.flush()
         self._raise_if_stopped()
+
+    def buffer_line(self, line: str) -> None:
+        """Queue a line for the log tail without echoing or flushing (for log handlers)."""
+        self._lines.append(line)
 
     def check_cancelled(self) -> None:
         """Raise `Cancelled` if the user cancelled this job (checked against the DB, throttled)."""

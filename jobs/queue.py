@@ -25,23 +25,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from jobs.registry import get_kind
+from jobs.registry import get_kind, is_requeue_safe
 from storage.db import write_session
 from storage.models import Job
 
-__all__ = [
-    "ACTIVE", "TERMINAL", "RETRYABLE", "LOG_TAIL_LINES", "JobNotFound",
-    "submit", "claim", "cancel", "retry", "get_job", "list_jobs", "recover",
-    "update_running", "finish", "append_log", "remove_work_dir",
-]
+__all__ = ["JobNotFound", "submit", "claim", "cancel", "retry", "get_job", "list_jobs", "recover"]
+__all__ += ["update_running", "finish", "append_log", "remove_work_dir", "TERMINAL", "RETRYABLE"]
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled", "interrupted")
 RETRYABLE = ("failed", "cancelled", "interrupted")
 LOG_TAIL_LINES = 200
 _MAX_LINE_CHARS = 2000  # one runaway line (a tensor repr) must not push everything else out
+# What a job back in the queue must not keep from its last attempt.
+_RELEASED = dict(worker_id=None, worker_pid=None, started_at=None, finished_at=None, heartbeat_at=None)
 
 
 class JobNotFound(ValueError):
@@ -78,9 +76,16 @@ def submit(engine: Engine, kind: str, params: dict, *, title: str = "", priority
     try:
         params_json = json.dumps(params)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"parameters of a {kind!r} job must be JSON (str, number, list, dict): {exc}") from None
-    job = Job(kind=kind, params_json=params_json, needs_gpu=job_kind.needs_gpu, priority=priority,
-              title=title or kind)
+        raise ValueError(
+            f"parameters of a {kind!r} job must be JSON (str, number, list, dict): {exc}"
+        ) from None
+    job = Job(
+        kind=kind,
+        params_json=params_json,
+        needs_gpu=job_kind.needs_gpu,
+        priority=priority,
+        title=title or kind,
+    )
     with write_session(engine) as session:
         session.add(job)
         session.commit()
@@ -90,8 +95,14 @@ def submit(engine: Engine, kind: str, params: dict, *, title: str = "", priority
     return result
 
 
-def claim(engine: Engine, worker_id: str, pid: int, *, kinds: Sequence[str] | None = None,
-          work_root: Path | None = None) -> Job | None:
+def claim(
+    engine: Engine,
+    worker_id: str,
+    pid: int,
+    *,
+    kinds: Sequence[str] | None = None,
+    work_root: Path | None = None,
+) -> Job | None:
     """Atomically take the next queued job (highest priority, then oldest) for `worker_id`.
 
     `kinds` limits the claim to kinds this worker can run; `work_root` is where the attempt's
@@ -101,8 +112,9 @@ def claim(engine: Engine, worker_id: str, pid: int, *, kinds: Sequence[str] | No
     query = (
         select(Job)
         .where(Job.status == "queued")
-        .where(~col(Job.needs_gpu) | ~exists().where(running_gpu.status == "running",
-                                                        col(running_gpu.needs_gpu)))
+        .where(
+            ~col(Job.needs_gpu) | ~exists().where(running_gpu.status == "running", col(running_gpu.needs_gpu))
+        )
         .order_by(col(Job.priority).desc(), col(Job.id))
         .limit(1)
     )
@@ -153,7 +165,9 @@ def cancel(engine: Engine, job_id: int) -> Job:
         elif job.status == "running":
             job.cancel_requested, job.message = True, "cancelling…"
         elif job.status != "cancelled":
-            raise ValueError(f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled")
+            raise ValueError(
+                f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled"
+            )
         session.add(job)
         result = _detached(job)
         session.commit()
@@ -166,9 +180,12 @@ def retry(engine: Engine, job_id: int) -> Job:
         job = _load(session, job_id)
         if job.status not in RETRYABLE:
             raise ValueError(f"job {job_id} is {job.status}; only {', '.join(RETRYABLE)} jobs can be retried")
-        job.log_tail = _append_tail(job.log_tail, [f"--- retry requested after attempt {job.attempts} ({job.status}) ---"])
+        job.log_tail = _append_tail(
+            job.log_tail, [f"--- retry requested after attempt {job.attempts} ({job.status}) ---"]
+        )
         job.status, job.cancel_requested, job.error, job.result_json = "queued", False, None, None
-        job.worker_id = job.worker_pid = job.started_at = job.finished_at = job.heartbeat_at = None
+        for key, value in _RELEASED.items():
+            setattr(job, key, value)
         job.stage, job.percent, job.message, job.eta_s, job.work_dir = "", 0.0, "", None, None
         session.add(job)
         result = _detached(job)
@@ -176,8 +193,9 @@ def retry(engine: Engine, job_id: int) -> Job:
     return result
 
 
-def update_running(engine: Engine, job_id: int, worker_id: str, values: dict[str, Any],
-                   log_lines: Sequence[str] = ()) -> Job | None:
+def update_running(
+    engine: Engine, job_id: int, worker_id: str, values: dict[str, Any], log_lines: Sequence[str] = ()
+) -> Job | None:
     """Write progress/heartbeat fields (and log lines) of a job this worker still runs.
 
     Returns the updated row, or None if the job is no longer running under `worker_id`."""
@@ -195,17 +213,20 @@ def update_running(engine: Engine, job_id: int, worker_id: str, values: dict[str
     return result
 
 
-def finish(engine: Engine, job_id: int, worker_id: str, status: str, *, log_lines: Sequence[str] = (),
-           **values: Any) -> bool:
+def finish(
+    engine: Engine, job_id: int, worker_id: str, status: str, *, log_lines: Sequence[str] = (), **values: Any
+) -> bool:
     """Move a job this worker runs to a terminal (or, for a requeue, `queued`) status; fenced like
     `update_running`. Returns False if the job had already left this worker."""
     values = {"status": status, "finished_at": time.time() if status in TERMINAL else None, **values}
     if status == "queued":
-        values.update(worker_id=None, worker_pid=None, started_at=None, heartbeat_at=None, work_dir=None)
+        values.update(_RELEASED, work_dir=None)
     return update_running(engine, job_id, worker_id, values, log_lines) is not None
 
 
-def append_log(engine: Engine, job_id: int, lines: Sequence[str], *, peak_rss_bytes: int | None = None) -> None:
+def append_log(
+    engine: Engine, job_id: int, lines: Sequence[str], *, peak_rss_bytes: int | None = None
+) -> None:
     """Append lines to a job's log tail whatever its status (worker notes after the job ended),
     and raise its recorded peak RSS to `peak_rss_bytes` if that is higher."""
     with write_session(engine) as session:
@@ -252,23 +273,18 @@ def recover(engine: Engine, *, stale_after_s: float) -> list[int]:
             if alive and age <= stale_after_s:
                 continue
             why = f"worker pid {job.worker_pid} is gone" if not alive else f"no heartbeat for {age:.0f} s"
-            try:
-                requeue = get_kind(job.kind).requeue_safe
-            except ValueError:
-                requeue = False  # a kind this process does not know: do not guess, let the user retry
             recovered.append((job.id, job.work_dir))
             if job.cancel_requested:
-                job.status, note = "cancelled", f"cancelled ({why})"
-            elif requeue:
-                job.status, note = "queued", f"re-queued after the worker stopped ({why})"
+                job.status, job.finished_at, note = "cancelled", now, f"cancelled ({why})"
+            elif is_requeue_safe(job.kind):
+                job.status, job.work_dir, note = "queued", None, f"re-queued after the worker stopped ({why})"
+                for key, value in _RELEASED.items():
+                    setattr(job, key, value)
             else:
-                job.status, note = "interrupted", f"interrupted: {why}"
-                job.error = f"The worker running this job stopped ({why}); partial outputs were removed. Retry the job."
-            if job.status == "queued":
-                job.worker_id = job.worker_pid = job.started_at = job.heartbeat_at = job.work_dir = None
-                job.finished_at = None
-            else:
-                job.finished_at = now
+                job.status, job.finished_at, note = "interrupted", now, f"interrupted: {why}"
+                job.error = (
+                    f"The worker running this job stopped ({why}); partial outputs were removed. Retry it."
+                )
             job.message = note
             job.log_tail = _append_tail(job.log_tail, [f"[queue] {note}"])
             session.add(job)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from jobs.context import JobContext
 
-__all__ = ["JobKind", "job_kind", "get_kind", "known_kinds", "import_kind_modules"]
+__all__ = ["JobKind", "job_kind", "get_kind", "known_kinds", "is_requeue_safe", "import_kind_modules"]
 
 JobFn = Callable[["JobContext", dict], "dict | None"]
 ValidateFn = Callable[[dict, "Engine"], dict]
@@ -84,6 +84,13 @@ def get_kind(name: str) -> JobKind:
         known = ", ".join(known_kinds()) or "none (no module registering job kinds was imported)"
         raise ValueError(f"unknown job kind {name!r}; known kinds: {known}")
     return kind
+
+
+def is_requeue_safe(name: str) -> bool:
+    """Whether a job of kind `name` may simply run again after a crash; False for unknown kinds
+    (a process that does not know the kind must not guess: the user can still retry)."""
+    kind = _KINDS.get(name)
+    return kind is not None and kind.requeue_safe
 
 
 def import_kind_modules(modules: Iterable[str]) -> None:

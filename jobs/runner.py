@@ -12,16 +12,21 @@ Exit codes: 0 done, 1 failed, 3 cancelled, 4 the job was not ours to run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 from jobs.context import JobContext
 from jobs.progress import Cancelled
@@ -32,6 +37,82 @@ from storage.db import make_engine
 EXIT_DONE, EXIT_FAILED, EXIT_CANCELLED, EXIT_NOT_OURS = 0, 1, 3, 4
 
 log = logging.getLogger("jobs.runner")
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - exotic libc
+    _libc = None
+
+
+# --- the worker's side: start, stop and measure a job process ----------------------------------
+def env_with_project_root() -> dict[str, str]:
+    """This environment with the project root first on PYTHONPATH (`-m jobs.runner` must import)."""
+    env = dict(os.environ)
+    paths = [str(_PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: the kernel SIGKILLs it when the worker dies, however.
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn_job_process(
+    db_path: Path, data_dir: Path, modules: Sequence[str], job_id: int, worker_id: str
+) -> subprocess.Popen:
+    """Start `python -m jobs.runner` for a claimed job, in its own process group, dying with us."""
+    cmd = [sys.executable, "-m", "jobs.runner", "--db", str(db_path), "--data-dir", str(data_dir)]
+    cmd += ["--modules", ",".join(modules), "--job-id", str(job_id), "--worker-id", worker_id]
+    cmd += ["--parent-pid", str(os.getpid())]
+    # Its stdout goes to our stderr: prints from libraries must not end up in a pipe nobody reads.
+    return subprocess.Popen(
+        cmd,
+        env=env_with_project_root(),
+        stdout=sys.stderr.fileno(),
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def stop_job_process(child: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the job's process group, SIGKILL what is left after `grace_s`; returns once it exited."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            child.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            log.warning("job process %s ignored %s for %.1f s", child.pid, sig.name, wait_s)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the job's own subprocesses, if any survived it
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants now (0 if it is gone)."""
+    total = 0
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+# --- the child's side ----------------------------------------------------------------------------
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -57,13 +138,15 @@ class _ForwardToJobLog(logging.Handler):
             return
         ours = record.name.startswith((self.job_module, "workbench"))
         if ours or record.levelno >= logging.WARNING:
-            self.ctx._lines.append(self.format(record))
+            self.ctx.buffer_line(self.format(record))
 
 
 def _peak_rss_bytes() -> int:
     # ru_maxrss is KiB on Linux; children counts descendants the job waited for.
-    usage = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    usage = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
     return usage * (1 if sys.platform == "darwin" else 1024)
 
 
@@ -86,11 +169,23 @@ def run(args: argparse.Namespace) -> int:
         if not job.work_dir:
             raise RuntimeError(f"job {job.id} was claimed without a work_dir; claim it with work_root=...")
     except Exception as exc:  # noqa: BLE001 - a setup problem must still reach the job row
-        finish(engine, job.id, args.worker_id, "failed", error=readable_error(exc), message=readable_error(exc),
-               log_lines=traceback.format_exc().splitlines())
+        finish(
+            engine,
+            job.id,
+            args.worker_id,
+            "failed",
+            error=readable_error(exc),
+            message=readable_error(exc),
+            log_lines=traceback.format_exc().splitlines(),
+        )
         return EXIT_FAILED
-    ctx = JobContext(job_id=job.id, engine=engine, data_dir=Path(args.data_dir), work_dir=Path(job.work_dir),
-                     worker_id=args.worker_id)
+    ctx = JobContext(
+        job_id=job.id,
+        engine=engine,
+        data_dir=Path(args.data_dir),
+        work_dir=Path(job.work_dir),
+        worker_id=args.worker_id,
+    )
     job_running = True
 
     def on_sigterm(_signum: int, _frame: object) -> None:
@@ -103,12 +198,21 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     forward = _ForwardToJobLog(ctx, kind.fn.__module__)
     logging.getLogger().addHandler(forward)
+
     def fail(exc: BaseException, lines: list[str]) -> int:
         ctx.flush(force=True)
         error = readable_error(exc)
         remove_work_dir(ctx.work_dir)  # gone before anyone sees the final status
-        finish(engine, job.id, args.worker_id, "failed", error=error, message=error,
-               peak_rss_bytes=_peak_rss_bytes(), log_lines=lines)
+        finish(
+            engine,
+            job.id,
+            args.worker_id,
+            "failed",
+            error=error,
+            message=error,
+            peak_rss_bytes=_peak_rss_bytes(),
+            log_lines=lines,
+        )
         log.error("job %s failed: %s", job.id, error)
         return EXIT_FAILED
 
@@ -132,8 +236,17 @@ def run(args: argparse.Namespace) -> int:
         return fail(ValueError(f"job kind {job.kind!r} returned a result that is not JSON: {exc}"), [])
     ctx.flush(force=True)
     remove_work_dir(ctx.work_dir)
-    finish(engine, job.id, args.worker_id, "done", result_json=result_json, stage="done", percent=100.0,
-           eta_s=None, peak_rss_bytes=_peak_rss_bytes())
+    finish(
+        engine,
+        job.id,
+        args.worker_id,
+        "done",
+        result_json=result_json,
+        stage="done",
+        percent=100.0,
+        eta_s=None,
+        peak_rss_bytes=_peak_rss_bytes(),
+    )
     return EXIT_DONE
 
 
@@ -149,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent_pid:
         return EXIT_NOT_OURS  # the worker is already gone
     threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s job-{args.job_id} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s job-{args.job_id} %(levelname)s %(name)s: %(message)s",
+    )
     return run(args)
 
 

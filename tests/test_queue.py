@@ -4,6 +4,7 @@ exclusivity, cancel, retry, fencing and crash recovery (no worker processes here
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -85,9 +86,13 @@ def _claim_until_empty(db_path: str, worker_id: str, out_path: str) -> None:
 def test_claim_race_between_processes_claims_each_job_once(db_engine, tmp_path):
     ids = {queue.submit(db_engine, "sleep", {}).id for _ in range(120)}
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_claim_until_empty,
-                         args=(str(tmp_path / "wb.db"), f"w{i}", str(tmp_path / f"claims-{i}.json")))
-             for i in range(4)]
+    procs = [
+        ctx.Process(
+            target=_claim_until_empty,
+            args=(str(tmp_path / "wb.db"), f"w{i}", str(tmp_path / f"claims-{i}.json")),
+        )
+        for i in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -95,7 +100,7 @@ def test_claim_race_between_processes_claims_each_job_once(db_engine, tmp_path):
         assert p.exitcode == 0
     per_worker = [json.loads((tmp_path / f"claims-{i}.json").read_text()) for i in range(4)]
     all_claims = [job_id for claims in per_worker for job_id in claims]
-    print("claims per process:", [len(c) for c in per_worker])
+    logging.getLogger(__name__).info("claims per process: %s", [len(c) for c in per_worker])
     assert sorted(all_claims) == sorted(ids)  # every job once, none twice
     assert {j.attempts for j in queue.list_jobs(db_engine, status="running")} == {1}
 
@@ -148,7 +153,9 @@ def test_log_tail_keeps_the_last_lines(db_engine):
     job = queue.submit(db_engine, "sleep", {})
     queue.claim(db_engine, "w1", 1)
     queue.update_running(db_engine, job.id, "w1", {}, [f"line {i}" for i in range(150)])
-    queue.update_running(db_engine, job.id, "w1", {}, ["a\nb", "x" * 5000] + [f"more {i}" for i in range(100)])
+    queue.update_running(
+        db_engine, job.id, "w1", {}, ["a\nb", "x" * 5000] + [f"more {i}" for i in range(100)]
+    )
     lines = queue.get_job(db_engine, job.id).log_tail.splitlines()
     assert len(lines) == queue.LOG_TAIL_LINES
     assert lines[-1] == "more 99" and lines[0] == "line 53"  # 150 + 2 + 1 + 100 lines, 200 kept
@@ -169,8 +176,13 @@ def test_recover_settles_jobs_of_dead_or_silent_workers(db_engine, tmp_path):
     cancelling = queue.submit(db_engine, "sleep", {})
     healthy = queue.submit(db_engine, "sleep", {})
     dead_pid = _dead_pid()
-    for job, pid in ((dead, dead_pid), (safe, dead_pid), (silent, os.getpid()), (cancelling, dead_pid),
-                     (healthy, os.getpid())):
+    for job, pid in (
+        (dead, dead_pid),
+        (safe, dead_pid),
+        (silent, os.getpid()),
+        (cancelling, dead_pid),
+        (healthy, os.getpid()),
+    ):
         claimed = queue.claim(db_engine, f"w{job.id}", pid, work_root=work)
         assert claimed.id == job.id
         Path(claimed.work_dir).mkdir(parents=True)
@@ -181,7 +193,7 @@ def test_recover_settles_jobs_of_dead_or_silent_workers(db_engine, tmp_path):
     recovered = queue.recover(db_engine, stale_after_s=15)
     assert sorted(recovered) == sorted([dead.id, safe.id, silent.id, cancelling.id])
     status = {j.id: j for j in queue.list_jobs(db_engine)}
-    assert status[dead.id].status == "interrupted" and "Retry the job" in status[dead.id].error
+    assert status[dead.id].status == "interrupted" and "Retry it" in status[dead.id].error
     assert status[silent.id].status == "interrupted" and "no heartbeat" in status[silent.id].error
     assert (status[safe.id].status, status[safe.id].worker_id) == ("queued", None)
     assert status[cancelling.id].status == "cancelled"

@@ -4,6 +4,7 @@ cancel of jobs that never check, failure, retry, SIGTERM, and recovery after SIG
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -18,6 +19,7 @@ from jobs import queue
 from jobs.worker import start_worker
 
 MODULES = ["tests.jobkinds_for_tests"]
+log = logging.getLogger(__name__)
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):
@@ -29,6 +31,16 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def job_when(engine, job_id: int, condition, what: str, timeout: float = 30.0):
+    """The job row once `condition(row)` holds."""
+
+    def check():
+        row = queue.get_job(engine, job_id)
+        return row if condition(row) else None
+
+    return wait_for(check, what, timeout)
 
 
 def alive(pid: int) -> bool:
@@ -44,8 +56,17 @@ def workers(tmp_path, db_engine):
     started = []
 
     def start(once: bool = False):
-        proc = start_worker(tmp_path / "wb.db", tmp_path, MODULES, once=once, poll_s=0.1, heartbeat_s=0.5,
-                            stale_after_s=15, grace_s=1.0, log_path=tmp_path / f"worker-{len(started)}.log")
+        proc = start_worker(
+            tmp_path / "wb.db",
+            tmp_path,
+            MODULES,
+            once=once,
+            poll_s=0.1,
+            heartbeat_s=0.5,
+            stale_after_s=15,
+            grace_s=1.0,
+            log_path=tmp_path / f"worker-{len(started)}.log",
+        )
         started.append(proc)
         return proc
 
@@ -55,7 +76,7 @@ def workers(tmp_path, db_engine):
             proc.kill()
             proc.wait()
     for log_file in sorted(tmp_path.glob("worker-*.log")):
-        print(f"--- {log_file.name}\n{log_file.read_text()[-3000:]}")
+        log.info("--- %s\n%s", log_file.name, log_file.read_text()[-3000:])
 
 
 def pid_from(path: Path) -> int:
@@ -73,7 +94,7 @@ def test_two_workers_claim_each_job_exactly_once(db_engine, workers, tmp_path):
     jobs = {j.id: j for j in queue.list_jobs(db_engine)}
     assert all(jobs[i].status == "done" and jobs[i].attempts == 1 for i in ids)
     assert all(jobs[job_id].worker_pid == worker_pid for job_id, worker_pid in runs)
-    print("jobs per worker:", Counter(worker_pid for _, worker_pid in runs))
+    log.info("jobs per worker: %s", Counter(worker_pid for _, worker_pid in runs))
 
 
 def test_gpu_jobs_run_one_at_a_time_while_cpu_jobs_pass(db_engine, workers, tmp_path):
@@ -84,21 +105,24 @@ def test_gpu_jobs_run_one_at_a_time_while_cpu_jobs_pass(db_engine, workers, tmp_
     queue.submit(db_engine, "touch", {"path": str(gate)})
     workers(), workers()
     wait_for(lambda: all(j.status == "done" for j in queue.list_jobs(db_engine)), "all jobs done", 60)
-    assert events.read_text().split("\n")[:-1] == [f"start {first.id}", f"end {first.id}",
-                                                    f"start {second.id}", f"end {second.id}"]
+    assert events.read_text().split("\n")[:-1] == [
+        f"start {first.id}",
+        f"end {first.id}",
+        f"start {second.id}",
+        f"end {second.id}",
+    ]
 
 
 def test_progress_log_heartbeat_result_and_peak_rss_are_persisted(db_engine, workers, tmp_path):
     slow = queue.submit(db_engine, "sleep", {"seconds": 2.5, "steps": 8})
     busy = queue.submit(db_engine, "progress", {"alloc_mb": 64, "lines": 250})
     workers()
-    live = wait_for(lambda: (j := queue.get_job(db_engine, slow.id)).percent > 0 and j.status == "running" and j,
-                    "live progress of the sleep job")
+    live = job_when(db_engine, slow.id, lambda j: j.status == "running" and j.percent > 0, "live progress")
     assert live.stage == "sleeping" and live.message.startswith("step ") and live.eta_s is not None
     wait_for(lambda: queue.get_job(db_engine, slow.id).heartbeat_at > live.heartbeat_at, "a newer heartbeat")
     assert "step 1" in queue.get_job(db_engine, slow.id).log_tail
 
-    done = wait_for(lambda: (j := queue.get_job(db_engine, busy.id)).status == "done" and j, "progress job", 60)
+    done = job_when(db_engine, busy.id, lambda j: j.status == "done", "the progress job", 60)
     assert json.loads(done.result_json) == {"answer": 42, "bytes": 64 * 1024 * 1024}
     assert (done.stage, done.percent, done.error) == ("done", 100.0, None)
     lines = done.log_tail.splitlines()
@@ -117,7 +141,7 @@ def test_cancel_stops_a_running_job_that_never_checks(db_engine, workers, tmp_pa
     work_dir = Path(queue.get_job(db_engine, job.id).work_dir)
     assert any(work_dir.iterdir())
     queue.cancel(db_engine, job.id)
-    final = wait_for(lambda: (j := queue.get_job(db_engine, job.id)).status != "running" and j, "the cancel", 30)
+    final = job_when(db_engine, job.id, lambda j: j.status != "running", "the cancel to settle")
     assert final.status == "cancelled" and final.finished_at is not None
     assert not work_dir.exists()
     wait_for(lambda: not alive(job_pid), "the job process to be gone", 10)
