@@ -1,0 +1,272 @@
+"""Writing and reading checkpoint folders: atomic publish, sharded safetensors, manifest hashes.
+
+Every checkpoint QuantFactory publishes (merged, exported single-variant, synthetic) goes through
+these helpers, so all of them are atomic, sharded the same way and carry the same kind of manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from workbench import ckpt_format as fmt
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "INDEX_NAME",
+    "ShardWriter",
+    "copy_tokenizer_files",
+    "hash_file",
+    "natural_key",
+    "publishing",
+    "tool_versions",
+    "read_safetensors_header",
+    "tensor_index",
+    "weight_files",
+    "write_manifest",
+]
+
+# HF-style sharding: big models are split so no single file is unwieldy to copy or mmap.
+DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_HASH_CHUNK = 16 * 1024 * 1024
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def natural_key(key: str) -> list:
+    """Sort key putting `layers.2` before `layers.10`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+@contextlib.contextmanager
+def publishing(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp folder next to `out_dir`; rename it to `out_dir` only if the block succeeds.
+
+    Same parent folder, so the rename is atomic: readers see no checkpoint or a complete one.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; pick another checkpoint name or delete that folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():  # someone published the same name while we were writing
+            raise FileExistsError(f"{out_dir} appeared while writing it; not overwriting it")
+        os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ShardWriter:
+    """Streams tensors into `model-0000i-of-0000N.safetensors` shards of at most `max_shard_bytes`.
+
+    Only the current shard is held in memory, which is what lets an 8B checkpoint be written
+    layer by layer on a small machine. One shard -> `model.safetensors` and no index.
+    """
+
+    def __init__(self, folder: Path, *, max_shard_bytes: int | None = None):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        self._current: dict[str, torch.Tensor] = {}
+        self._current_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.nbytes
+        if self._current and self._current_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        if key in self._current or any(key in shard for shard in self._shards[-1:]):
+            raise ValueError(f"tensor {key} written twice")
+        # safetensors refuses views that share storage; a contiguous clone is cheap next to the I/O.
+        self._current[key] = tensor.detach().to("cpu").contiguous().clone()
+        self._current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(
+            self._current, str(self.folder / f".shard-{index:05d}.safetensors"), metadata={"format": "pt"}
+        )
+        self._shards.append(list(self._current))
+        self._current, self._current_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard, give the shards their final names (+ index); returns file names."""
+        if self._current or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self.folder / ".shard-00000.safetensors", self.folder / SINGLE_NAME)
+            return [SINGLE_NAME]
+        names, weight_map = [], {}
+        for i, keys in enumerate(self._shards):
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / f".shard-{i:05d}.safetensors", self.folder / name)
+            names.append(name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return [*names, INDEX_NAME]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else `model.safetensors`."""
+    folder = Path(folder)
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights")
+    return found
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict without `__metadata__`, offset where tensor data starts); ValueError if unreadable."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path.name}: file is {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path.name}: header length {header_len} does not fit the {size}-byte file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path.name}: safetensors header is not valid JSON ({exc})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for key, entry in header.items():
+        end = data_start + entry["data_offsets"][1]
+        if end > size:
+            raise ValueError(
+                f"{path.name}: tensor {key} ends at byte {end} but the file has {size} bytes (truncated file)"
+            )
+    return header, data_start
+
+
+def tensor_index(folder: Path) -> dict[str, Path]:
+    """Map every tensor key of a checkpoint folder to the file that holds it (reads headers only)."""
+    index: dict[str, Path] = {}
+    for path in weight_files(folder):
+        header, _ = read_safetensors_header(path)
+        for key in header:
+            index[key] = path
+    return index
+
+
+def _feed(f, limit: int | None, *hashers) -> int:
+    """Read up to `limit` bytes (None: to the end) into every hasher; returns bytes read."""
+    done = 0
+    while limit is None or done < limit:
+        chunk = f.read(_HASH_CHUNK if limit is None else min(_HASH_CHUNK, limit - done))
+        if not chunk:
+            break
+        for h in hashers:
+            h.update(chunk)
+        done += len(chunk)
+    return done
+
+
+def hash_file(path: Path) -> dict:
+    """{"size", "sha256"} of a file, plus per-tensor digests for a safetensors file.
+
+    The per-tensor digests let the checker name the tensor whose bytes changed, not only the file;
+    they are computed in the same single read as the file hash.
+    """
+    path = Path(path)
+    file_hash = hashlib.sha256()
+    record: dict = {"size": path.stat().st_size}
+    spans: list[tuple[int, int, str]] = []
+    if path.suffix == ".safetensors":
+        header, start = read_safetensors_header(path)
+        spans = sorted(
+            (start + e["data_offsets"][0], start + e["data_offsets"][1], k) for k, e in header.items()
+        )
+    tensors: dict[str, str] = {}
+    with open(path, "rb") as f:
+        pos = 0
+        for begin, end, key in spans:
+            pos += _feed(f, begin - pos, file_hash)  # header or padding before this tensor
+            tensor_hash = hashlib.blake2b(digest_size=8)
+            pos += _feed(f, end - begin, file_hash, tensor_hash)
+            tensors[key] = tensor_hash.hexdigest()
+        _feed(f, None, file_hash)
+    record["sha256"] = file_hash.hexdigest()
+    if spans:
+        record["tensors"] = tensors
+    return record
+
+
+def write_manifest(folder: Path, info: dict) -> dict:
+    """Write `flexquant_manifest.json`: `info` plus size/sha256 of every other file in `folder`."""
+    folder = Path(folder)
+    files = {
+        p.name: hash_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != fmt.MANIFEST_NAME and not p.name.startswith(".")
+    }
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **info,
+        "files": files,
+    }
+    (folder / fmt.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a checkpoint's bytes, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy the tokenizer files found in `src` (if any) into `dst`; returns their names."""
+    if src is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
