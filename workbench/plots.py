@@ -46,7 +46,10 @@ def variant_color(name: str) -> str:
 
 def _empty(title: str, message: str = "no data yet") -> go.Figure:
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
-    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                       font=dict(size=14, color="#7f7f7f"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
     return fig
 
 

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from storage.crud import list_policies
 from storage.models import Checkpoint, EvalResult, Job, RequestRecord, Run, SourceModel, StepRecord, Variant
+from workbench.ckpt_format import read_config, read_flexquant_config
+from workbench.policy import DEFAULT_POLICY, Policy, PolicyError, fixed_policy, parse_policy, policy_from_dict
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "JOB_COLUMNS",
@@ -32,6 +40,10 @@ __all__ = [
     "requests_frame",
     "request_record",
     "format_variant_mix",
+    "CheckpointInfo",
+    "checkpoint_info",
+    "policy_library",
+    "memory_frame",
 ]
 
 JOB_COLUMNS = ["id", "kind", "title", "status", "stage", "percent", "eta_s", "message", "attempts",
@@ -239,3 +251,67 @@ def format_variant_mix(mix: dict) -> str:
     parts = sorted(((k, float(v) / total) for k, v in mix.items() if isinstance(v, int | float)),
                    key=lambda kv: -kv[1])
     return " · ".join(f"{k} {share:.0%}" for k, share in parts)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the Runtime and Policy tabs need to know about one checkpoint."""
+
+    id: int
+    name: str
+    path: Path
+    variants: list[str]
+    num_layers: int | None
+    default_policy: Policy | None
+
+
+def checkpoint_info(engine: Engine, checkpoint_id: int) -> CheckpointInfo:
+    """Variants (from the DB), layer count and default policy (from the folder's config.json);
+    ValueError if the checkpoint is unknown."""
+    with Session(engine) as session:
+        row = session.get(Checkpoint, checkpoint_id)
+        names = [v.name for v in session.exec(select(Variant).where(Variant.checkpoint_id == checkpoint_id)
+                                              .order_by(Variant.id))]
+    if row is None:
+        raise ValueError(f"no checkpoint with id {checkpoint_id}; pick one from the list")
+    num_layers, default = None, None
+    try:
+        num_layers = read_config(Path(row.path)).get("num_hidden_layers")
+        flex = read_flexquant_config(Path(row.path))
+        names = names or list(flex.get("variants", {}))
+        if flex.get("policy"):
+            default = policy_from_dict(flex["policy"])
+    except (OSError, ValueError) as exc:  # a moved folder or a single-variant export: still listable
+        log.info("checkpoint %s: %s", row.name, exc)
+    return CheckpointInfo(int(row.id), row.name, Path(row.path), names, num_layers, default)
+
+
+def policy_library(engine: Engine, *, variants: list[str] | None = None) -> dict[str, Policy]:
+    """Every policy a user can pick, by name: the built-in default, `all-<variant>` for each variant,
+    then the saved PolicyRecords (a saved policy with a built-in's name replaces it). With
+    `variants`, policies naming other variants are left out."""
+    found: dict[str, Policy] = {}
+    candidates = [DEFAULT_POLICY] + [fixed_policy(v) for v in (variants or ["w8a8", "w4a16"])]
+    for record in list_policies(engine):
+        try:
+            candidates.append(parse_policy(record.body_yaml))
+        except PolicyError as exc:  # saved before a validation rule tightened: skip, do not crash the tab
+            log.warning("saved policy %s no longer parses: %s", record.name, exc)
+    for policy in candidates:
+        if variants is None or policy.variants <= set(variants):
+            found[policy.name] = policy
+    return found
+
+
+def memory_frame(stats: dict) -> pd.DataFrame:
+    """Resident weight memory from a runtime's `/flexquant/stats` body: one row per variant plus
+    "shared" and "total", in MiB (the memory report may be at the top level or under "memory")."""
+    report = stats.get("memory", stats) if isinstance(stats, dict) else {}
+    per_variant = report.get("per_variant") or {}
+    rows = [(name, int(size)) for name, size in per_variant.items()]
+    for key in ("shared", "total", "bf16"):
+        if isinstance(report.get(key), int | float):
+            rows.append((key if key != "bf16" else "bf16 (same model, for reference)", int(report[key])))
+    df = pd.DataFrame(rows, columns=["part", "bytes"])
+    df["MiB"] = (df["bytes"] / 2**20).round(2)
+    return df
