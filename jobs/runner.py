@@ -61,21 +61,39 @@ def _die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def job_log_path(data_dir: Path, job_id: int, attempt: int) -> Path:
+    """Full stdout/stderr of one attempt (the DB keeps only the last lines); kept after the job."""
+    return Path(data_dir) / "logs" / "jobs" / f"job-{job_id}-attempt-{attempt}.log"
+
+
 def spawn_job_process(
-    db_path: Path, data_dir: Path, modules: Sequence[str], job_id: int, worker_id: str
+    db_path: Path, data_dir: Path, modules: Sequence[str], job_id: int, worker_id: str, log_path: Path
 ) -> subprocess.Popen:
-    """Start `python -m jobs.runner` for a claimed job, in its own process group, dying with us."""
+    """Start `python -m jobs.runner` for a claimed job, in its own process group, dying with us;
+    its stdout and stderr (library prints, a crash's last words) go to `log_path`."""
     cmd = [sys.executable, "-m", "jobs.runner", "--db", str(db_path), "--data-dir", str(data_dir)]
     cmd += ["--modules", ",".join(modules), "--job-id", str(job_id), "--worker-id", worker_id]
     cmd += ["--parent-pid", str(os.getpid())]
-    # Its stdout goes to our stderr: prints from libraries must not end up in a pipe nobody reads.
-    return subprocess.Popen(
-        cmd,
-        env=env_with_project_root(),
-        stdout=sys.stderr.fileno(),
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd,
+            env=env_with_project_root(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def last_lines(path: Path, count: int = 20) -> list[str]:
+    """The last `count` lines of a text file (empty if it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16_384))
+            return f.read().decode("utf-8", "replace").splitlines()[-count:]
+    except OSError:
+        return []
 
 
 def stop_job_process(child: subprocess.Popen, grace_s: float) -> None:

@@ -26,9 +26,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from jobs import queue
+from jobs import queue, runner
 from jobs.registry import import_kind_modules, is_requeue_safe, known_kinds
-from jobs.runner import EXIT_CANCELLED, env_with_project_root, spawn_job_process, stop_job_process, tree_rss
 from storage.db import open_db
 from storage.models import Job
 
@@ -94,10 +93,13 @@ class Worker:
         queue.remove_work_dir(work_dir)  # leftovers of a crashed attempt with the same name
         work_dir.mkdir(parents=True)
         log.info("job %s (%s) attempt %s starts in %s", job.id, job.kind, job.attempts, work_dir)
-        child = spawn_job_process(self.db_path, self.data_dir, self.modules, job.id, self.worker_id)
+        log_path = runner.job_log_path(self.data_dir, job.id, job.attempts)
+        child = runner.spawn_job_process(
+            self.db_path, self.data_dir, self.modules, job.id, self.worker_id, log_path
+        )
         peak_rss, stop_reason, last_beat = 0, None, time.monotonic()
         while child.poll() is None:
-            peak_rss = max(peak_rss, tree_rss(child.pid))
+            peak_rss = max(peak_rss, runner.tree_rss(child.pid))
             if stop_reason is None:
                 if self.stopping:
                     stop_reason = "worker stopping"
@@ -110,20 +112,22 @@ class Worker:
                     stop_reason = "cancel"
                 if stop_reason is not None:
                     log.info("job %s: stopping its process (%s)", job.id, stop_reason)
-                    stop_job_process(child, self.grace_s)
+                    runner.stop_job_process(child, self.grace_s)
                     continue
             time.sleep(min(0.2, self.poll_s))
-        self._settle(job, child.returncode, stop_reason, work_dir)
+        self._settle(job, child.returncode, stop_reason, work_dir, log_path)
         if peak_rss:
             queue.append_log(self.engine, job.id, [], peak_rss_bytes=peak_rss)
         log.info("job %s ended: %s", job.id, queue.get_job(self.engine, job.id).status)
 
-    def _settle(self, job: Job, returncode: int, stop_reason: str | None, work_dir: Path) -> None:
+    def _settle(
+        self, job: Job, returncode: int, stop_reason: str | None, work_dir: Path, log_path: Path
+    ) -> None:
         # The child already wrote done/failed; anything else that ends an attempt is settled here.
         row = queue.get_job(self.engine, job.id)
         if row.status == "running" and row.worker_id == self.worker_id:
             error = None
-            if stop_reason == "cancel" or row.cancel_requested or returncode == EXIT_CANCELLED:
+            if stop_reason == "cancel" or row.cancel_requested or returncode == runner.EXIT_CANCELLED:
                 status, note = "cancelled", "cancelled; partial outputs removed"
             elif stop_reason == "worker stopping" and is_requeue_safe(job.kind):
                 status, note = "queued", "re-queued: the worker was stopped"
@@ -141,14 +145,15 @@ class Worker:
                 hint = " (SIGKILL often means it ran out of memory)" if returncode == -signal.SIGKILL else ""
                 status = "failed"
                 note = error = f"The job process {how} without reporting a result{hint}."
+            lines = [f"[worker] {note}"]
+            if status == "failed":  # the job could not report why; its last output may say
+                lines = [
+                    f"[worker] last output of the job process ({log_path}):",
+                    *runner.last_lines(log_path),
+                    *lines,
+                ]
             queue.finish(
-                self.engine,
-                job.id,
-                self.worker_id,
-                status,
-                message=note,
-                error=error,
-                log_lines=[f"[worker] {note}"],
+                self.engine, job.id, self.worker_id, status, message=note, error=error, log_lines=lines
             )
         queue.remove_work_dir(work_dir)
 
@@ -172,10 +177,12 @@ def start_worker(
     cmd += ["--modules", ",".join(modules), "--poll", str(poll_s), "--heartbeat", str(heartbeat_s)]
     cmd += ["--stale-after", str(stale_after_s), "--grace", str(grace_s)] + (["--once"] if once else [])
     if log_path is None:
-        return subprocess.Popen(cmd, env=env_with_project_root(), stdout=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=runner.env_with_project_root(), stdout=subprocess.DEVNULL)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as stderr:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, env=env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            cmd, env=runner.env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

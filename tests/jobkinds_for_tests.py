@@ -142,3 +142,10 @@ def count_job(ctx, params):
 @job_kind("bad_result")
 def bad_result_job(ctx, params):
     return {"not json": object()}
+
+
+@job_kind("crash")
+def crash_job(ctx, params):
+    """Dies the hard way (as the OOM killer would do it), after a last word on stderr."""
+    os.write(2, b"last words before the crash\n")
+    os.kill(os.getpid(), signal.SIGKILL)

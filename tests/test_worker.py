@@ -160,16 +160,27 @@ def test_failure_keeps_a_readable_error_and_the_traceback_in_the_log(db_engine, 
     assert "returned a result that is not JSON" in queue.get_job(db_engine, bad.id).error
 
 
+def test_a_crashed_job_process_fails_with_its_last_output_in_the_log(db_engine, workers, tmp_path):
+    job = queue.submit(db_engine, "crash", {})
+    workers(once=True).wait(timeout=60)
+    crashed = queue.get_job(db_engine, job.id)
+    assert crashed.status == "failed"
+    assert "killed by signal SIGKILL" in crashed.error and "out of memory" in crashed.error
+    assert "last words before the crash" in crashed.log_tail
+    assert not Path(crashed.work_dir).exists()
+    full_log = tmp_path / "logs" / "jobs" / f"job-{job.id}-attempt-1.log"
+    assert "last words before the crash" in full_log.read_text()
+
+
 def test_retry_runs_a_failed_job_again_as_a_new_attempt(db_engine, workers, tmp_path):
     marker = tmp_path / "marker"
     job = queue.submit(db_engine, "fail_unless_exists", {"path": str(marker)})
-    workers(once=True).wait(timeout=60)
-    assert queue.get_job(db_engine, job.id).status == "failed"
+    workers()
+    job_when(db_engine, job.id, lambda j: j.status == "failed", "the first attempt to fail")
     marker.touch()
     queue.retry(db_engine, job.id)
-    workers(once=True).wait(timeout=60)
-    again = queue.get_job(db_engine, job.id)
-    assert (again.status, again.attempts, again.error) == ("done", 2, None)
+    again = job_when(db_engine, job.id, lambda j: j.status == "done", "the retry to finish")
+    assert (again.attempts, again.error) == (2, None)
     assert "FileNotFoundError" in again.log_tail  # the first attempt's traceback is kept
 
 
