@@ -15,7 +15,8 @@ from workbench.runtime.cpu_engine import CpuEngine, SamplingParams
 from workbench.runtime.flexmodel import FlexModel
 from workbench.runtime.telemetry import TelemetryWriter, create_run
 
-PD = Policy(name="pd", prefill="w8a8", decode=[DecodeRule(max_batch=1, variant="w4a16"), DecodeRule(variant="w8a8")])
+PD = Policy(name="pd", prefill="w8a8",
+            decode=[DecodeRule(max_batch=1, variant="w4a16"), DecodeRule(variant="w8a8")])
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def prompts(tok):
 def test_concurrent_requests_complete_and_steps_follow_policy(run, flex):
     db, run_id, writer, make = run
     engine = make()
-    reqs = [engine.submit(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts(flex.tokenizer), (3, 6, 9))]
+    reqs = [engine.submit(p, SamplingParams(max_tokens=n))
+            for p, n in zip(prompts(flex.tokenizer), (3, 6, 9), strict=True)]
     for r in reqs:
         assert r.done.wait(60), "request did not finish"
     writer.flush()
@@ -85,7 +87,7 @@ def test_concurrent_greedy_equals_single_request_generate(run, flex):
     for r in reqs:
         assert r.done.wait(60)
     flex.use_variant("w4a16")
-    for p, r in zip(ps, reqs):
+    for p, r in zip(ps, reqs, strict=True):
         out = flex.model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
                                   eos_token_id=sorted(engine.eos_ids), pad_token_id=0)
         expected = [t for t in out[0, len(p):].tolist() if t not in engine.eos_ids]

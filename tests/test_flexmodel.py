@@ -67,11 +67,15 @@ def build_tiny_checkpoints(root: Path) -> tuple[Path, dict[str, Path]]:
         singles[variant] = root / variant
         m.save_pretrained(singles[variant], save_compressed=True)
         save_tiny_tokenizer(singles[variant])
-    return merge_singles(singles, root / "merged"), singles
+    try:  # the project's merger (manifest, default policy, validation) once it is there
+        from workbench.quant.merge import merge_variants
+    except ImportError:
+        return merge_singles(singles, root / "merged"), singles
+    return merge_variants(singles, root / "merged", tokenizer_dir=base), singles
 
 
 def merge_singles(singles: dict[str, Path], out: Path) -> Path:
-    """Throwaway merger (H2 owns the real one): P.<tensor> of each single -> P.<variant>.<tensor>."""
+    """Stand-in merger for builds without workbench.quant.merge: P.<tensor> -> P.<variant>.<tensor>."""
     tensors: dict[str, torch.Tensor] = {}
     qconfigs = {}
     for variant, path in singles.items():
@@ -119,7 +123,8 @@ def reference_model(single: Path, quantize_inputs: bool = True):
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(single, quantization_config=CompressedTensorsConfig(dequantize=True))
+    config = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(single, quantization_config=config)
     if not quantize_inputs:
         for module in model.modules():
             if getattr(module, "quantization_scheme", None) is not None:
@@ -169,10 +174,11 @@ def test_set_step_follows_policy_per_layer(flex):
 
 def checkpoint_bytes(path: Path, variants) -> dict[str, int]:
     sizes = {v: 0 for v in variants} | {"shared": 0}
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118
-            split = split_variant_key(key, list(variants))
-            sizes[split[1] if split else "shared"] += f.get_tensor(key).nbytes
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                split = split_variant_key(key, list(variants))
+                sizes[split[1] if split else "shared"] += f.get_tensor(key).nbytes
     return sizes
 
 

@@ -230,7 +230,8 @@ class CpuEngine:
     def _record_step(self, step, ts, t0, info: StepInfo, variant, layers, policy: Policy) -> None:
         if self.telemetry is not None:
             self.telemetry.step(step=step, ts=ts, duration_ms=(time.perf_counter() - t0) * 1000,
-                                num_prefill_tokens=info.num_prefill_tokens, num_decode_reqs=info.num_decode_reqs,
+                                num_prefill_tokens=info.num_prefill_tokens,
+                                num_decode_reqs=info.num_decode_reqs,
                                 variant=variant, policy_name=policy.name, layer_variants=layers)
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:

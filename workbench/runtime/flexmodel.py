@@ -48,7 +48,9 @@ class FlexLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
         self.weights: dict[str, torch.Tensor] = {}
         self.input_args: dict[str, QuantizationArgs | None] = {}
         self.quant_bytes: dict[str, int] = {}  # checkpoint bytes of each variant's tensors
@@ -74,7 +76,7 @@ class FlexLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variant = self.active
         if variant is None:
-            raise RuntimeError("FlexLinear has no active variant: call FlexModel.set_step or use_variant first")
+            raise RuntimeError("FlexLinear has no active variant: call FlexModel.set_step or use_variant")
         args = self.input_args[variant]
         if args is not None and x.numel():
             # Dynamic per-token int8 (or fp8) activations: the same QDQ compressed-tensors runs.
@@ -83,7 +85,8 @@ class FlexLinear(nn.Module):
         return F.linear(x, self.weights[variant], self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, variants={list(self.weights)}, active={self.active}"
+        return (f"in={self.in_features}, out={self.out_features}, variants={list(self.weights)}, "
+                f"active={self.active}")
 
 
 def _open_tensors(ckpt_dir: Path) -> dict[str, Path]:
@@ -110,7 +113,8 @@ def _load(where: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _scheme_for(prefix: str, module: nn.Module, qcfg: QuantizationConfig, variant: str) -> tuple[QuantizationScheme, str]:
+def _scheme_for(prefix: str, module: nn.Module, qcfg: QuantizationConfig,
+                variant: str) -> tuple[QuantizationScheme, str]:
     """The compressed-tensors scheme (and storage format) this variant's config gives one linear."""
     for scheme in qcfg.config_groups.values():
         if is_match(prefix, module, scheme.targets, qcfg.ignore or ()):
@@ -171,7 +175,8 @@ class FlexModel:
             try:
                 old = model.get_submodule(prefix)
             except AttributeError:
-                raise FlexModelError(f"{ckpt_dir}: tensors for {prefix!r}, which the architecture lacks") from None
+                raise FlexModelError(f"{ckpt_dir}: tensors for {prefix!r}, which the architecture lacks; "
+                                     "the config.json and the weights disagree") from None
             if not isinstance(old, nn.Linear):
                 raise FlexModelError(f"{prefix} is a {type(old).__name__}, only nn.Linear can be quantized")
             flex = FlexLinear(old.in_features, old.out_features, old.bias is not None, dtype)
@@ -180,14 +185,16 @@ class FlexModel:
                 local = {k[len(prefix) + len(variant) + 2:]: t for k, t in tensors.items()}
                 scheme, fmt = _scheme_for(prefix, old, qcfgs[variant], variant)
                 weight = BaseCompressor.get_value_from_registry(fmt).decompress(dict(local), scheme)["weight"]
-                args = scheme.input_activations if scheme.input_activations and scheme.input_activations.dynamic else None
+                acts = scheme.input_activations
+                args = acts if acts is not None and acts.dynamic else None
                 flex.add_variant(variant, weight.to(dtype), args, sum(t.nbytes for t in tensors.values()))
             parent_name, _, child = prefix.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, flex)
             linears[prefix] = flex
             bf16_bytes += 2 * old.in_features * old.out_features
 
-        shared = _load(where, shared_keys)
+        # Stored bf16; cast so norms/embeddings match the requested compute dtype (assign=True keeps dtypes).
+        shared = {k: t.to(dtype) if t.is_floating_point() else t for k, t in _load(where, shared_keys).items()}
         missing, unexpected = model.load_state_dict(shared, strict=False, assign=True)
         if unexpected:
             raise FlexModelError(f"{ckpt_dir}: tensors the architecture does not have: {unexpected[:5]}")

@@ -141,7 +141,8 @@ class TelemetryWriter:
                     session.add_all(rows)
                     session.commit()
             except Exception:  # noqa: BLE001 - keep serving; the rows go back and are retried
-                log.exception("writing %d telemetry rows for run %s failed; will retry", len(rows), self.run_id)
+                log.exception("writing %d telemetry rows for run %s failed; will retry",
+                              len(rows), self.run_id)
                 with self._cond:
                     self._rows[:0] = rows
                 return 0

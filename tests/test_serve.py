@@ -1,0 +1,215 @@
+"""The CPU server as a real subprocess started by `serve.start_server`, spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from sqlmodel import Session, select
+from test_flexmodel import VARIANTS, build_tiny_checkpoints, checkpoint_bytes
+
+from storage.db import open_db
+from storage.models import RequestRecord, Run, StepRecord
+from workbench.chat_client import stream_chat
+from workbench.policy import DecodeRule, Policy, PolicyError, StepInfo, decide, fixed_policy
+from workbench.runtime.serve import ServeConfig, ServeError, start_server
+from workbench.settings import Settings
+
+PD = Policy(name="pd", prefill="w8a8",
+            decode=[DecodeRule(max_batch=1, variant="w4a16"), DecodeRule(variant="w8a8")])
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    merged, _ = build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+    return merged
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """One CPU server for the module (start-up costs ~10 s of imports on this CPU)."""
+    data = tmp_path_factory.mktemp("data")
+    settings = Settings(data_dir=data)
+    db = open_db(settings.db_path)
+    handle = start_server(ServeConfig(checkpoint=ckpt, policy=PD, port=free_port(), cpu_threads=1),
+                          engine=db, settings=settings)
+    try:
+        handle.wait_healthy(120)
+        yield handle, db, settings
+    finally:
+        handle.stop()
+        db.dispose()
+
+
+def rows(db, model, run_id):
+    with Session(db) as s:
+        return s.exec(select(model).where(model.run_id == run_id).order_by(model.id)).all()
+
+
+def wait_for(fn, timeout=30.0):
+    """Poll until fn() is truthy (telemetry is written in batches every ~0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := fn():
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_concurrent_streaming_chats_and_step_telemetry(server):
+    handle, db, _ = server
+    results, errors = {}, []
+
+    def chat(i):
+        try:
+            updates = list(stream_chat(handle.base_url, [{"role": "user", "content": f"hi {i}"}],
+                                       max_tokens=4 + 3 * i, temperature=0.0))
+            results[i] = updates[-1]
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 3
+    for update in results.values():
+        assert update.done and update.stats.finish_reason in ("length", "stop")
+        assert update.stats.output_tokens >= 1
+    ids = {u.stats.request_id for u in results.values()}
+    def mine():
+        found = [r for r in rows(db, RequestRecord, handle.run_id) if r.request_id in ids]
+        return found if len(found) == 3 else None
+
+    recs = wait_for(mine)
+    for rec in recs:
+        assert rec.ttft_ms > 0 and rec.error is None and rec.output_tokens >= 1
+    steps = rows(db, StepRecord, handle.run_id)
+    assert steps
+    assert all(s.variant == decide(PD, StepInfo(s.num_prefill_tokens, s.num_decode_reqs)) for s in steps)
+    assert any(s.num_prefill_tokens > 0 for s in steps) and any(s.num_decode_reqs >= 2 for s in steps)
+
+
+def test_non_stream_completion_and_models(server):
+    handle, _, _ = server
+    models = httpx.get(f"{handle.base_url}/v1/models").json()["data"]
+    body = {"model": models[0]["id"], "messages": HELLO, "max_tokens": 5, "temperature": 0}
+    out = httpx.post(f"{handle.base_url}/v1/chat/completions", json=body, timeout=60).json()
+    assert out["object"] == "chat.completion" and out["choices"][0]["finish_reason"] in ("length", "stop")
+    assert out["usage"]["completion_tokens"] <= 5 and out["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": HELLO, "max_tokens": 100_000}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": 250}, "max_tokens"),  # prompt + 250 > the 256-token context
+    ({"messages": HELLO, "temperature": 5}, "temperature"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x" * 400}]}, "messages"),  # longer than the context
+])
+def test_bad_requests_get_openai_style_400(server, body, param):
+    handle, _, _ = server
+    resp = httpx.post(f"{handle.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["type"] == "invalid_request_error" and param in (err["param"] or "") and err["message"]
+
+
+def test_unknown_model_is_404(server):
+    handle, _, _ = server
+    resp = httpx.post(f"{handle.base_url}/v1/chat/completions", json={"model": "gpt-9", "messages": HELLO})
+    assert resp.status_code == 404 and "gpt-9" in resp.json()["error"]["message"]
+
+
+def test_live_policy_change_visible_from_the_returned_step(server):
+    handle, db, _ = server
+    new = fixed_policy("w8a8")
+    applied = handle.set_policy(new)["applied_at_step"]
+    assert httpx.get(f"{handle.base_url}/flexquant/policy").json()["policy"]["name"] == new.name
+    for _ in stream_chat(handle.base_url, HELLO, max_tokens=4):
+        pass
+    wait_for(lambda: any(s.step >= applied for s in rows(db, StepRecord, handle.run_id)))
+    steps = rows(db, StepRecord, handle.run_id)
+    assert all(s.policy_name == new.name and s.variant == "w8a8" for s in steps if s.step >= applied)
+    assert all(s.policy_name == PD.name for s in steps if s.step < applied)
+    handle.set_policy(PD)
+
+
+def test_bad_policy_is_rejected_and_old_one_stays(server):
+    handle, _, _ = server
+    before = httpx.get(f"{handle.base_url}/flexquant/policy").json()["policy"]
+    with pytest.raises(PolicyError, match="fp8"):
+        handle.set_policy(fixed_policy("fp8"))
+    resp = httpx.put(f"{handle.base_url}/flexquant/policy", json={"policy": {"name": "x", "prefill": "w8a8"}})
+    assert resp.status_code == 400 and "decode" in resp.json()["error"]
+    resp = httpx.put(f"{handle.base_url}/flexquant/policy", json={"nothing": 1})
+    assert resp.status_code == 400
+    assert httpx.get(f"{handle.base_url}/flexquant/policy").json()["policy"] == before
+
+
+def test_stats_memory_equals_checkpoint_tensor_bytes(server, ckpt):
+    handle, _, _ = server
+    stats = httpx.get(f"{handle.base_url}/flexquant/stats").json()
+    assert stats["weight_bytes"] == checkpoint_bytes(ckpt, VARIANTS)
+    assert stats["memory"]["total"] == sum(checkpoint_bytes(ckpt, VARIANTS).values())
+    assert stats["run_id"] == handle.run_id and stats["steps"] > 0
+
+
+def test_client_disconnect_cancels_the_request(server):
+    handle, db, _ = server
+    rid = None
+    with httpx.Client(timeout=60) as client:
+        body = {"messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
+        with client.stream("POST", f"{handle.base_url}/v1/chat/completions", json=body) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    rid = json.loads(line[6:])["id"]
+                    break
+    assert rid
+    rec = wait_for(lambda: next((r for r in rows(db, RequestRecord, handle.run_id) if r.request_id == rid),
+                                None))
+    assert rec.error == "cancelled by the client" and rec.output_tokens < 200
+
+
+def test_start_errors_are_clear(server, ckpt, tmp_path):
+    handle, db, settings = server
+    taken = ServeConfig(checkpoint=ckpt, policy=PD, port=handle.cfg.port)
+    with pytest.raises(ServeError, match="already in use"):
+        start_server(taken, engine=db, settings=settings)
+    with pytest.raises(ServeError, match="no config.json"):
+        start_server(ServeConfig(checkpoint=tmp_path, policy=PD, port=free_port()),
+                     engine=db, settings=settings)
+    with pytest.raises(ServeError, match="fp8"):
+        start_server(ServeConfig(checkpoint=ckpt, policy=fixed_policy("fp8"), port=free_port()),
+                     engine=db, settings=settings)
+    with pytest.raises(ServeError, match="GPU"):
+        start_server(ServeConfig(checkpoint=ckpt, policy=PD, port=free_port(), runtime="vllm"),
+                     engine=db, settings=settings)
+
+
+def test_stop_ends_process_and_run(ckpt, tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    db = open_db(settings.db_path)
+    handle = start_server(ServeConfig(checkpoint=ckpt, policy=PD, port=free_port(), cpu_threads=1),
+                          engine=db, settings=settings)
+    try:
+        handle.wait_healthy(120)
+        assert handle.log_path.parent == settings.logs_dir and handle.log_path.stat().st_size > 0
+    finally:
+        handle.stop()
+    assert not handle.is_running()
+    with Session(db) as s:
+        run = s.get(Run, handle.run_id)
+    assert run.runtime == "cpu" and run.status == "ended" and run.ended_at is not None
+    assert "Shutting down" in handle.log_tail() or "shutdown" in handle.log_tail().lower()
