@@ -189,6 +189,8 @@ def merge_variants(
         )
         write_manifest(tmp, info)
         if validate:
+            if reporter is not None:
+                reporter.update("validate", 100.0, "checking the merged checkpoint before publishing it")
             validate_or_raise(tmp)
     log.info("merged %s into %s", variants, out_dir)
     return out_dir

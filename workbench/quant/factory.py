@@ -1,0 +1,327 @@
+"""`quantize_and_merge`: a bf16 HF model folder -> one merged multi-variant FlexQuant checkpoint.
+
+Stages: load -> calibration data -> SmoothQuant ONCE (llmcompressor `SmoothQuantModifier`; it folds
+scales into the layer norms every variant shares) -> for each variant, reload the SAME smoothed
+weights and quantize them (GPTQ, or data-free RTN for fp8) with llmcompressor `oneshot`, saving a
+compressed-tensors folder -> merge -> validate -> publish atomically. Intermediates live in
+`work_dir`; only one model copy is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.quant.ckpt_io import tool_versions
+from workbench.quant.merge import merge_variants
+from workbench.quant.recipe import (
+    IGNORED_MODULES,
+    VARIANT_SPECS,
+    QuantRecipe,
+    choose_group_size,
+    configs_equivalent,
+    variant_quant_config,
+    variant_scheme,
+)
+
+__all__ = [
+    "quantize_and_merge",
+    "quantize_variant",
+    "smooth_model",
+    "calibration_dataset",
+    "quantized_in_features",
+]
+
+log = logging.getLogger(__name__)
+
+# Share of the job's 0..100 progress per stage (GPTQ dominates; merge and check are I/O).
+LOAD_END, CALIB_END, SMOOTH_END, QUANT_END = 4.0, 6.0, 18.0, 90.0
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _load(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+
+
+def quantized_in_features(model: torch.nn.Module) -> list[int]:
+    """Input sizes of the linears that get quantized (every Linear but lm_head)."""
+    return [
+        m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in IGNORED_MODULES
+    ]
+
+
+def calibration_dataset(tokenizer, recipe: QuantRecipe):
+    """(datasets.Dataset of token ids, provenance dict) from the recipe's calibration text."""
+    from datasets import Dataset
+
+    from workbench.textdata import calibration_texts, dataset_name
+
+    path = Path(recipe.calibration_path) if recipe.calibration_path else None
+    texts = calibration_texts(path, recipe.num_samples)
+    rows = [tokenizer(t, truncation=True, max_length=recipe.seq_len)["input_ids"] for t in texts]
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError(
+            f"calibration text {path or 'built-in'} gave no usable samples; use a file with text"
+        )
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+    info = {
+        "source": dataset_name(path, purpose="calibration"),
+        "path": str(path) if path else None,
+        "num_samples": len(rows),
+        "requested_samples": recipe.num_samples,
+        "seq_len": recipe.seq_len,
+        "num_tokens": sum(map(len, rows)),
+        "sha256": digest,
+    }
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    return data, info
+
+
+class _LayerProgress:
+    """Forward pre-hooks on the decoder layers: llmcompressor's sequential pipeline calibrates and
+    quantizes one layer at a time, so the first call into layer i means layers < i are done."""
+
+    def __init__(self, model: torch.nn.Module, reporter, stage: str, lo: float, hi: float):
+        layers = getattr(getattr(model, "model", None), "layers", None) or []
+        self.total, self.seen = max(len(layers), 1), set()
+        self.reporter, self.stage, self.lo, self.hi = reporter, stage, lo, hi
+        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, index: int):
+        def hook(_module, _args):
+            if index not in self.seen:
+                self.seen.add(index)
+                pct = self.lo + (self.hi - self.lo) * index / self.total
+                self.reporter.update(self.stage, pct, f"layer {index + 1}/{self.total}")
+                self.reporter.check_cancelled()  # Cancelled propagates out of oneshot
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe) -> None:
+    from llmcompressor import oneshot
+
+    kwargs = {}
+    if data is not None:
+        kwargs = dict(
+            dataset=data,
+            num_calibration_samples=len(data),
+            max_seq_length=recipe.seq_len,
+            shuffle_calibration_samples=False,
+        )
+    oneshot(model=model, processor=tokenizer, recipe=[modifier], **kwargs)
+
+
+def smooth_model(source_dir: Path, out_dir: Path, recipe: QuantRecipe, data, tokenizer, reporter) -> Path:
+    """Apply SmoothQuant once to the bf16 model and save the smoothed weights (bf16) to `out_dir`."""
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+    model = _load(source_dir)
+    progress = _LayerProgress(model, reporter, "smooth", CALIB_END, SMOOTH_END)
+    try:
+        _oneshot(
+            model,
+            tokenizer,
+            SmoothQuantModifier(smoothing_strength=recipe.smoothquant_strength),
+            data,
+            recipe,
+        )
+    finally:
+        progress.remove()
+    model.save_pretrained(str(out_dir), save_compressed=False)
+    # llmcompressor 0.14 writes a recipe.yaml it cannot parse back (python/tuple tags); the recipe is
+    # in our manifest, and a stale one would break the next save_pretrained that merges recipes.
+    (Path(out_dir) / "recipe.yaml").unlink(missing_ok=True)
+    del model
+    gc.collect()
+    return Path(out_dir)
+
+
+def quantize_variant(
+    model_dir: Path,
+    variant: str,
+    out_dir: Path,
+    *,
+    recipe: QuantRecipe,
+    data,
+    tokenizer,
+    group_size: int | None,
+    reporter=None,
+    lo: float = 0.0,
+    hi: float = 100.0,
+) -> Path:
+    """Quantize the model at `model_dir` to `variant` and save it compressed to `out_dir`."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    spec = VARIANT_SPECS[variant]
+    scheme = variant_scheme(variant, group_size)
+    modifier_cls = GPTQModifier if spec.algorithm == "gptq" else QuantizationModifier
+    modifier = modifier_cls(config_groups={"group_0": scheme}, ignore=list(IGNORED_MODULES))
+    model = _load(model_dir)
+    progress = (
+        _LayerProgress(model, reporter, f"quantize {variant}", lo, lo + (hi - lo) * 0.9) if reporter else None
+    )
+    try:
+        _oneshot(model, tokenizer, modifier, data if spec.algorithm == "gptq" else None, recipe)
+    finally:
+        if progress:
+            progress.remove()
+    if reporter:
+        reporter.update(f"save {variant}", lo + (hi - lo) * 0.9, f"writing {variant} (compressed-tensors)")
+    model.save_pretrained(str(out_dir), save_compressed=True)
+    (Path(out_dir) / "recipe.yaml").unlink(missing_ok=True)
+    del model
+    gc.collect()
+    saved = json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"]
+    if not configs_equivalent(saved, variant_quant_config(variant, group_size)):
+        # Synthetic checkpoints are built from variant_quant_config: refuse to let the layouts drift.
+        raise RuntimeError(
+            f"llmcompressor saved a {variant} quantization_config that differs from "
+            "workbench.quant.recipe.variant_quant_config; update variant_scheme to match this llmcompressor"
+        )
+    return Path(out_dir)
+
+
+def quantize_and_merge(
+    source_dir: Path,
+    out_dir: Path,
+    recipe: QuantRecipe,
+    *,
+    reporter,
+    work_dir: Path,
+    keep_intermediates: bool = False,
+) -> Path:
+    """Quantize `source_dir` (bf16 HF folder) to every variant of `recipe`; publish the merge at `out_dir`.
+
+    Raises `FileExistsError` if `out_dir` exists, `ModelError` for an unusable source, `Cancelled`
+    when the reporter says so (checked between stages and per layer).
+    """
+    from transformers import AutoTokenizer
+
+    from workbench.models import inspect_model_dir
+
+    source_dir, out_dir, work_dir = Path(source_dir), Path(out_dir), Path(work_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; pick another checkpoint name or delete that folder")
+    info = inspect_model_dir(source_dir)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    reporter.update("load", 0.0, f"loading {source_dir.name}")
+    tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+    model = _load(source_dir)
+    in_features = quantized_in_features(model)
+    del model
+    gc.collect()
+    group_sizes, notes = {}, []
+    for v in recipe.variants:
+        group_sizes[v] = None
+        if VARIANT_SPECS[v].grouped:
+            group_sizes[v] = choose_group_size(recipe.w4a16_group_size, in_features)
+            if group_sizes[v] != recipe.w4a16_group_size:
+                bad = sorted({d for d in in_features if d % recipe.w4a16_group_size})
+                notes.append(
+                    f"{v}: group size {group_sizes[v]} instead of {recipe.w4a16_group_size}, because "
+                    f"input dimension(s) {bad} are not multiples of {recipe.w4a16_group_size}"
+                )
+                reporter.log(notes[-1])
+    timings["load"] = time.monotonic() - t0
+    reporter.update("calibration", LOAD_END, "tokenizing calibration text")
+    reporter.check_cancelled()
+    data, calib = calibration_dataset(tokenizer, recipe) if recipe.needs_calibration else (None, None)
+    if calib:
+        reporter.log(
+            f"calibration: {calib['num_samples']} samples from {calib['source']}, "
+            f"{calib['num_tokens']} tokens (seq_len {recipe.seq_len})"
+        )
+    base_dir = source_dir
+    if recipe.smoothquant_strength > 0:
+        t = time.monotonic()
+        reporter.update("smooth", CALIB_END, f"SmoothQuant (strength {recipe.smoothquant_strength})")
+        base_dir = smooth_model(source_dir, work_dir / "smoothed", recipe, data, tokenizer, reporter)
+        timings["smooth"] = time.monotonic() - t
+    variant_dirs = {}
+    step = (QUANT_END - SMOOTH_END) / len(recipe.variants)
+    for i, v in enumerate(recipe.variants):
+        reporter.check_cancelled()
+        t = time.monotonic()
+        lo = SMOOTH_END + i * step
+        reporter.update(
+            f"quantize {v}", lo, f"{VARIANT_SPECS[v].algorithm.upper()} {VARIANT_SPECS[v].preset}"
+        )
+        variant_dirs[v] = quantize_variant(
+            base_dir,
+            v,
+            work_dir / "variants" / v,
+            recipe=recipe,
+            data=data,
+            tokenizer=tokenizer,
+            group_size=group_sizes[v],
+            reporter=reporter,
+            lo=lo,
+            hi=lo + step,
+        )
+        timings[v] = time.monotonic() - t
+        reporter.log(f"{v}: quantized in {timings[v]:.1f} s")
+    reporter.check_cancelled()
+    t = time.monotonic()
+    reporter.update("merge", QUANT_END, "merging variants")
+    manifest = {
+        "source": {
+            "path": str(source_dir.resolve()),
+            "config_sha256": hashlib.sha256((source_dir / "config.json").read_bytes()).hexdigest(),
+            "architecture": info.architecture,
+            "num_params": info.num_params,
+        },
+        "recipe": recipe.model_dump(),
+        "calibration": calib,
+        "versions": tool_versions(),
+        "group_sizes": group_sizes,
+        "notes": notes,
+        "variants": {
+            v: {
+                "scheme": VARIANT_SPECS[v].preset,
+                "algorithm": VARIANT_SPECS[v].algorithm,
+                "group_size": group_sizes[v],
+            }
+            for v in recipe.variants
+        },
+        "timings_s": {k: round(x, 2) for k, x in timings.items()},
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+    from jobs.progress import Span
+
+    merge_variants(
+        variant_dirs,
+        out_dir,
+        tokenizer_dir=source_dir,
+        manifest=manifest,
+        reporter=Span(reporter, QUANT_END, 99.0),
+    )
+    timings["merge"] = time.monotonic() - t
+    if not keep_intermediates:
+        import shutil
+
+        for folder in (work_dir / "smoothed", work_dir / "variants"):
+            shutil.rmtree(folder, ignore_errors=True)
+    reporter.update("done", 100.0, f"published {out_dir.name} in {time.monotonic() - t0:.0f} s")
+    return out_dir
