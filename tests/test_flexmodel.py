@@ -206,3 +206,21 @@ def test_drop_unused_frees_pinned_layers_only(ckpts):
     flex.set_step(pinned, StepInfo(0, 1))  # still runs: layer 0 never needs w4a16
     with pytest.raises(PolicyError, match="drop_unused"):
         flex.check_policy(fixed_policy("w4a16"))
+
+
+def test_bf16_sharded_checkpoint_computes_in_fp32_and_counts_stored_bytes(tmp_path):
+    """A bf16 checkpoint in several shards (the project's synthetic writer) loads for fp32 compute,
+    while the memory report still counts the bytes as stored."""
+    synthetic = pytest.importorskip("workbench.quant.synthetic")
+    from workbench.runtime.flexmodel import FlexModel
+
+    ckpt = synthetic.make_synthetic_checkpoint(tmp_path / "syn", max_shard_bytes=64 * 1024)
+    assert len(list(ckpt.glob("*.safetensors"))) > 1
+    flex = FlexModel.load(ckpt)
+    assert {p.dtype for p in flex.model.parameters()} == {torch.float32}
+    assert flex.weight_bytes() == checkpoint_bytes(ckpt, VARIANTS)
+    for variant in VARIANTS:
+        flex.use_variant(variant)
+        with torch.no_grad():
+            logits = flex.model(torch.tensor([[1, 2, 3]])).logits
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -213,3 +213,38 @@ def test_stop_ends_process_and_run(ckpt, tmp_path):
         run = s.get(Run, handle.run_id)
     assert run.runtime == "cpu" and run.status == "ended" and run.ended_at is not None
     assert "Shutting down" in handle.log_tail() or "shutdown" in handle.log_tail().lower()
+
+
+def test_cli_creates_its_own_run_and_ends_it_on_sigterm(ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from workbench.policy import policy_to_yaml
+
+    db_path, policy_file, port = tmp_path / "wb.db", tmp_path / "policy.yaml", free_port()
+    db = open_db(db_path)
+    policy_file.write_text(policy_to_yaml(PD))
+    argv = [sys.executable, "-m", "workbench.runtime.cpu_server", "--checkpoint", str(ckpt), "--policy",
+            str(policy_file), "--port", str(port), "--db", str(db_path), "--threads", "1"]
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    try:
+        def healthy():
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=120)
+        run_id = httpx.get(f"http://127.0.0.1:{port}/flexquant/stats").json()["run_id"]
+        with Session(db) as s:
+            run = s.get(Run, run_id)
+        assert run.runtime == "cpu" and run.policy_name == "pd" and run.status == "running"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with Session(db) as s:
+        assert s.get(Run, run_id).status == "ended"

@@ -115,6 +115,11 @@ class CpuEngine:
         with self._cond:
             return {"waiting": len(self._waiting), "running": len(self._running), "steps": self._steps_done}
 
+    def variant_step_counts(self) -> dict[str, int]:
+        """Steps run so far per (step-level) variant."""
+        with self._cond:
+            return dict(self.variant_steps)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, on_event=None,
                request_id: str | None = None) -> Request:
         """Queue a request; it is admitted at the next step. Tokens go to `on_event` (engine thread)."""
@@ -200,7 +205,8 @@ class CpuEngine:
     def _configure(self, policy: Policy, info: StepInfo) -> tuple[str, dict[int, str] | None]:
         layers = self.flex.set_step(policy, info)
         variant = decide(policy, info)
-        self.variant_steps[variant] += 1
+        with self._cond:
+            self.variant_steps[variant] += 1
         return variant, (layers if any(v != variant for v in layers.values()) else None)
 
     def _prefill_step(self, step: int, policy: Policy, reqs: list[Request]) -> None:

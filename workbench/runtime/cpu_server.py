@@ -125,7 +125,7 @@ def create_app(engine: CpuEngine, *, model_name: str, run_id: int | None = None,
         report = engine.flex.memory_report()
         return {"runtime": "cpu", "model": model_name, "run_id": run_id, "policy": engine.policy.name,
                 "variants": engine.flex.variants, **engine.counts(),
-                "variant_steps": dict(engine.variant_steps),
+                "variant_steps": engine.variant_step_counts(),
                 "weight_bytes": engine.flex.weight_bytes(), "memory": report.as_dict()}
 
     def prompt_ids(req: ChatRequest) -> list[int]:

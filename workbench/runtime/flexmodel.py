@@ -193,8 +193,12 @@ class FlexModel:
             linears[prefix] = flex
             bf16_bytes += 2 * old.in_features * old.out_features
 
-        # Stored bf16; cast so norms/embeddings match the requested compute dtype (assign=True keeps dtypes).
-        shared = {k: t.to(dtype) if t.is_floating_point() else t for k, t in _load(where, shared_keys).items()}
+        stored = _load(where, shared_keys)
+        shared_bytes = sum(t.nbytes for t in stored.values())  # as stored (bf16), not as computed
+        bf16_bytes += sum(2 * t.numel() for t in stored.values())
+        # assign=True keeps the tensors' dtypes: cast bf16 norms/embeddings to the compute dtype.
+        shared = {k: t.to(dtype) if t.is_floating_point() else t for k, t in stored.items()}
+        del stored
         missing, unexpected = model.load_state_dict(shared, strict=False, assign=True)
         if unexpected:
             raise FlexModelError(f"{ckpt_dir}: tensors the architecture does not have: {unexpected[:5]}")
@@ -204,8 +208,6 @@ class FlexModel:
                                  "the checkpoint is incomplete")
         if tied:
             model.tie_weights()
-        shared_bytes = sum(t.nbytes for t in shared.values())
-        bf16_bytes += sum(2 * t.numel() for t in shared.values())
         has_tokenizer = any((ckpt_dir / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir) if has_tokenizer else None
         if tokenizer is None:
