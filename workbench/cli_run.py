@@ -1,0 +1,219 @@
+"""`flexquant quantize | check | evaluate | serve | bench`: thin wrappers over the library.
+
+Each body imports its backend lazily (quantization pulls torch + llmcompressor; serving may need
+vLLM), so `flexquant --help` and the DB commands stay fast and work without those parts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from workbench.cli_common import (
+    console,
+    fail,
+    finish_waited_job,
+    human_bytes,
+    import_backend,
+    print_fields,
+    register_kind,
+    state,
+    wait_for_job,
+)
+from workbench.cli_jobs import job_summary
+from workbench.cli_policy import policy_by_name_or_file
+
+
+def resolve_checkpoint(ctx: typer.Context, name_or_path: str) -> tuple[Path, str | None]:
+    """(folder, registered name or None) for a checkpoint name or a folder inside the allowed roots."""
+    from storage.crud import find_checkpoint
+    from workbench.paths import resolve_user_path
+
+    st = state(ctx)
+    row = find_checkpoint(st.engine(), name=name_or_path)
+    if row is not None:
+        return Path(row.path), row.name
+    if Path(name_or_path).expanduser().exists():
+        return resolve_user_path(name_or_path, settings=st.settings, kind="folder"), None
+    fail(f"{name_or_path!r} is neither a registered checkpoint nor an existing folder")
+
+
+def quantize(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Source model name (see `flexquant models list`)."),
+    name: str = typer.Option(..., "--name", help="Name of the checkpoint to create."),
+    variants: str = typer.Option("w8a8,w4a16", "--variants", help="Comma-separated variants."),
+    smoothquant: float = typer.Option(0.8, "--smoothquant", help="SmoothQuant strength (0 disables)."),
+    group_size: int = typer.Option(128, "--group-size", help="W4A16 group size (lowered to fit the model)."),
+    calibration: Path = typer.Option(None, "--calibration", help=".txt or .jsonl calibration text."),
+    num_samples: int = typer.Option(64, "--num-samples"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    title: str = typer.Option("", "--title"),
+    wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends."),
+) -> None:
+    """Queue a quantize job: one merged checkpoint with every requested variant."""
+    from jobs import queue
+    from workbench.models import get_model
+    from workbench.paths import resolve_user_path
+
+    st = state(ctx)
+    engine = st.engine()
+    source = get_model(engine, model)  # a missing model fails here, before anything is queued
+    calibration_path = None
+    if calibration is not None:
+        calibration_path = str(resolve_user_path(calibration, settings=st.settings, kind="file"))
+    recipe = {
+        "variants": [v.strip() for v in variants.split(",") if v.strip()],
+        "smoothquant_strength": smoothquant,
+        "w4a16_group_size": group_size,
+        "calibration_path": calibration_path,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+    }
+    register_kind("quantize")
+    job = queue.submit(engine, "quantize", {"model": source.name, "checkpoint": name, "recipe": recipe},
+                       title=title or f"quantize {source.name} -> {name}")
+    console.print(job_summary(job))
+    if wait:
+        finish_waited_job(wait_for_job(engine, job.id))
+
+
+def check(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="Checkpoint name or folder."),
+    no_hashes: bool = typer.Option(False, "--no-hashes", help="Skip the sha256 check of every file."),
+) -> None:
+    """Check a checkpoint's config, tensors and manifest; exit 2 listing every problem."""
+    check_mod = import_backend("workbench.quant.check", "check")
+    folder, _ = resolve_checkpoint(ctx, checkpoint)
+    report = check_mod.check_checkpoint(folder, verify_hashes=not no_hashes)
+    fields = [("path", str(report.path)), ("kind", report.kind), ("variants", ", ".join(report.variants) or "-"),
+              ("layers", str(report.num_layers or "-")),
+              ("files", f"{len(report.files)} ({human_bytes(sum(report.files.values()))})")]
+    fields += [(f"weights {variant}", human_bytes(size)) for variant, size in report.weight_bytes.items()]
+    print_fields(fields)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[red]problem:[/red] {escape(problem)}")
+        fail(f"checkpoint {folder} has {len(report.problems)} problem(s)")
+    console.print("[green]checkpoint ok[/green]")
+
+
+def evaluate(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="Registered checkpoint name."),
+    policy: list[str] = typer.Option([], "--policy", help="Saved policy to score too (repeatable)."),  # noqa: B008
+    wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends."),
+) -> None:
+    """Queue an evaluate job: perplexity/agreement of bf16, every variant and the given policies."""
+    from jobs import queue
+    from storage.crud import find_checkpoint, find_policy
+
+    engine = state(ctx).engine()
+    if find_checkpoint(engine, name=checkpoint) is None:
+        fail(f"no checkpoint named {checkpoint!r}; quantize one first (`flexquant quantize`)")
+    for name in policy:
+        if find_policy(engine, name=name) is None:
+            fail(f"no saved policy named {name!r}; save it with `flexquant policy save FILE`")
+    register_kind("evaluate")
+    job = queue.submit(engine, "evaluate", {"checkpoint": checkpoint, "policies": list(policy)},
+                       title=f"evaluate {checkpoint}")
+    console.print(job_summary(job))
+    if wait:
+        finish_waited_job(wait_for_job(engine, job.id))
+
+
+def serve(
+    ctx: typer.Context,
+    checkpoint: str = typer.Argument(..., help="Checkpoint name or folder."),
+    policy: str = typer.Option(None, "--policy", help="Saved policy name or file (default: the checkpoint's)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    runtime: str = typer.Option("auto", "--runtime", help="auto, cpu or vllm."),
+    gpu_memory_utilization: float = typer.Option(0.85, "--gpu-memory-utilization"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for the server to be healthy."),
+) -> None:
+    """Serve a checkpoint (vLLM on a GPU, else the CPU reference) until Ctrl-C."""
+    serve_mod = import_backend("workbench.runtime.serve", "serve")
+    from workbench.ckpt_format import read_flexquant_config
+    from workbench.policy import DEFAULT_POLICY, policy_from_dict
+
+    st = state(ctx)
+    folder, _ = resolve_checkpoint(ctx, checkpoint)
+    if policy is not None:
+        chosen = policy_by_name_or_file(ctx, policy)
+    else:
+        default = read_flexquant_config(folder).get("policy")
+        chosen = policy_from_dict(default) if default else DEFAULT_POLICY
+    cfg = serve_mod.ServeConfig(checkpoint=folder, policy=chosen, port=port, host=host, runtime=runtime,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                tensor_parallel_size=tensor_parallel_size)
+    handle = serve_mod.start_server(cfg, engine=st.engine(), settings=st.settings)
+    try:
+        console.print(f"starting server (log: {escape(str(handle.log_path))}) ...")
+        handle.wait_healthy(timeout)
+        console.print(f"[green]serving {escape(str(folder))}[/green] at {handle.base_url} with policy "
+                      f"{escape(chosen.name)} (run {handle.run_id}); Ctrl-C stops it")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        handle.stop()
+
+
+def bench(
+    ctx: typer.Context,
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Running local server."),
+    policy: list[str] = typer.Option([], "--policy", help="Saved policy or file; 2+ compares them."),  # noqa: B008
+    rate: list[float] = typer.Option([1.0], "--rate", help="Arrival rate in requests/s (repeatable)."),  # noqa: B008
+    num_requests: int = typer.Option(16, "--requests"),
+    prompt_words: int = typer.Option(64, "--prompt-words"),
+    max_tokens: int = typer.Option(32, "--max-tokens"),
+    concurrency: int = typer.Option(4, "--concurrency"),
+    duration: float = typer.Option(60.0, "--duration", help="Time limit per run in seconds."),
+    out: Path = typer.Option(None, "--out", help="Also write the results as CSV."),
+) -> None:
+    """Drive a running server with a Poisson workload; with 2+ policies compare them live."""
+    loadgen = import_backend("workbench.loadgen", "bench")
+    import pandas as pd
+
+    spec = loadgen.LoadSpec(rate=rate[0], prompt_words=prompt_words, max_tokens=max_tokens,
+                            concurrency=concurrency, num_requests=num_requests, duration_s=duration)
+    url = url.rstrip("/")
+    if len(policy) >= 2:
+        policies = [policy_by_name_or_file(ctx, p) for p in policy]
+        frame = loadgen.compare_policies(
+            url, policies, list(rate), spec, on_progress=lambda what, f: console.print(f"{f:4.0%} {what}"))
+    else:
+        if policy:
+            from workbench.chat_client import put_policy
+
+            put_policy(url, policy_by_name_or_file(ctx, policy[0]))
+        rows = []
+        for r in rate:
+            report = loadgen.run_load(url, loadgen.LoadSpec(**{**spec.__dict__, "rate": r}))
+            rows.append({"policy": policy[0] if policy else "(live)", "rate": r, **report.summary()})
+        frame = pd.DataFrame(rows)
+    table = Table(*[str(c) for c in frame.columns])
+    for record in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in record])
+    console.print(table)
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(out)
+        console.print(f"wrote {escape(str(out))}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the root app."""
+    for fn in (quantize, check, evaluate, serve, bench):
+        app.command(fn.__name__)(fn)
