@@ -50,13 +50,13 @@ def test_variant_timeline_traces_colours_and_markers():
     assert any("all-w8a8" in a.text for a in fig.layout.annotations)
 
 
-def test_batch_composition_stacks_per_variant():
+def test_batch_composition_per_variant_and_row():
     fig = plots.batch_composition_figure(make_steps())
-    decode = [t for t in fig.data if t.yaxis == "y"]
-    prefill = [t for t in fig.data if t.yaxis == "y2"]
-    assert sum(sum(t.y) for t in decode) == 11
-    assert sum(sum(t.y) for t in prefill) == 12
-    assert fig.layout.barmode == "stack"
+    decode = {t.name: list(t.y) for t in fig.data if t.yaxis == "y"}
+    prefill = {t.name: list(t.y) for t in fig.data if t.yaxis == "y2"}
+    assert decode == {"w4a16": [1, 2], "w8a8": [0, 2, 3, 3]}
+    assert prefill == {"w4a16": [0, 0], "w8a8": [5, 7, 0, 0]}
+    assert all(t.marker.color == plots.variant_color(t.name) for t in fig.data)
     assert 0.4 in shapes_x(fig)
 
 

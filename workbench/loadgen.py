@@ -91,7 +91,10 @@ class LoadReport:
         """Counts, TTFT/TPOT p50/p90/p99 over successful requests, and output throughput."""
         df = self.frame()
         ok = df[df["error"].isna()]
-        out = {"requests": len(df), "errors": int(df["error"].notna().sum()), "wall_s": round(self.wall_s, 3),
+        errors = df["error"].dropna()
+        out = {"requests": len(df), "errors": len(errors), "wall_s": round(self.wall_s, 3),
+               # the most frequent error, so a failing workload says why (e.g. prompt longer than the context)
+               "top_error": errors.value_counts().index[0] if len(errors) else None,
                "output_tok_per_s": round(ok["output_tokens"].sum() / self.wall_s, 3) if self.wall_s else 0.0}
         for metric in ("ttft_ms", "tpot_ms"):
             values = ok[metric].dropna()
@@ -137,7 +140,9 @@ async def _one(client: httpx.AsyncClient, base_url: str, body: dict, result: Req
 
 
 async def _run(base_url: str, spec: LoadSpec, model: str, stop: threading.Event | None) -> LoadReport:
-    rng = random.Random(spec.seed)
+    # Separate streams: the prompts depend only on the seed, not on the rate, so every load level
+    # and every policy sees the same prompts.
+    prompt_rng, arrival_rng = random.Random(spec.seed), random.Random(spec.seed + 1)
     report = LoadReport(spec)
     gate = asyncio.Semaphore(spec.concurrency)
     t0 = time.perf_counter()
@@ -154,14 +159,14 @@ async def _run(base_url: str, spec: LoadSpec, model: str, stop: threading.Event 
         next_at = t0
         for i in range(spec.num_requests):
             if spec.rate > 0:
-                next_at += rng.expovariate(spec.rate)  # Poisson arrivals
+                next_at += arrival_rng.expovariate(spec.rate)  # Poisson arrivals
             wait = next_at - time.perf_counter()
             if next_at >= deadline or (stop is not None and stop.is_set()):
                 break
             while wait > 0 and not (stop is not None and stop.is_set()):
                 await asyncio.sleep(min(wait, 0.2))
                 wait = next_at - time.perf_counter()
-            body = chat_body([{"role": "user", "content": make_prompt(rng, spec.prompt_words)}], model=model,
+            body = chat_body([{"role": "user", "content": make_prompt(prompt_rng, spec.prompt_words)}], model=model,
                              max_tokens=spec.max_tokens, extra=extra)
             result = RequestResult(index=i, sent_s=time.perf_counter() - t0)
             report.results.append(result)

@@ -101,21 +101,23 @@ def variant_timeline_figure(steps: pd.DataFrame) -> go.Figure:
 
 
 def batch_composition_figure(steps: pd.DataFrame) -> go.Figure:
-    """What each step contained: running decode requests (top) and prefill tokens (bottom),
-    bars coloured by the variant that computed the step."""
+    """What each step contained: running decode requests (top) and prefill tokens (bottom), one
+    marker per step coloured by the variant that computed it. Markers, not bars: steps are
+    milliseconds apart, so bars on a time axis of minutes would be invisible slivers."""
     title = "Batch composition per step"
     if steps.empty:
         return _empty(title)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
                         subplot_titles=("decode requests", "prefill tokens"))
     for variant in sorted(steps["variant"].unique()):
         part = steps[steps["variant"] == variant]
-        color = variant_color(variant)
-        fig.add_trace(go.Bar(x=part["t_s"], y=part["num_decode_reqs"], name=variant, legendgroup=variant,
-                             marker_color=color), row=1, col=1)
-        fig.add_trace(go.Bar(x=part["t_s"], y=part["num_prefill_tokens"], name=variant, legendgroup=variant,
-                             marker_color=color, showlegend=False), row=2, col=1)
-    fig.update_layout(title=title, barmode="stack", **{**LAYOUT, "height": 380})
+        marker = dict(color=variant_color(variant), size=6)
+        fig.add_trace(go.Scatter(x=part["t_s"], y=part["num_decode_reqs"], mode="markers", name=variant,
+                                 legendgroup=variant, marker=marker), row=1, col=1)
+        fig.add_trace(go.Scatter(x=part["t_s"], y=part["num_prefill_tokens"], mode="markers", name=variant,
+                                 legendgroup=variant, marker=marker, showlegend=False), row=2, col=1)
+    fig.update_layout(title=title, **{**LAYOUT, "height": 380})
+    fig.update_yaxes(rangemode="tozero")
     fig.update_xaxes(title="time since run start (s)", row=2, col=1)
     _mark_policy_changes(fig, policy_change_points(steps), row="all", col=1)
     return fig

@@ -45,6 +45,11 @@ CSS = """
 """
 
 
+# System fonts only: the default theme fetches Google Fonts, which an offline or private host cannot reach.
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+
+
 class ExposureError(ValueError):
     """The app would be reachable from other machines without a login."""
 
@@ -81,8 +86,11 @@ def build_app(ctx: UIContext) -> gr.Blocks:
                 ("Policy", build_policy_tab), ("Live", build_live_tab), ("Chat", build_chat_tab),
                 ("Compare", build_compare_tab)]
         for title, build in tabs:
-            with gr.Tab(title, id=title.split()[0].lower()):
-                build(ctx)
+            with gr.Tab(title, id=title.split()[0].lower()) as tab:
+                hook = build(ctx)
+            if hook is not None:  # fresh lists on page load and whenever the tab is opened
+                tab.select(hook.fn, hook.inputs, hook.outputs, show_progress="hidden")
+                demo.load(hook.fn, hook.inputs, hook.outputs, show_progress="hidden")
     return demo
 
 
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_app(ctx)
         demo.queue(default_concurrency_limit=4)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
-                    theme=gr.themes.Soft(), show_error=True, allowed_paths=[])
+                    theme=THEME, show_error=True, allowed_paths=[])
     except KeyboardInterrupt:
         pass
     finally:

@@ -50,7 +50,7 @@ def _with_footer(history: list[dict]) -> list[dict]:
     shown = []
     for msg in history:
         footer = msg.get("footer")
-        content = msg["content"] + (f"\n\n<sub>⏱ {footer}</sub>" if footer else "")
+        content = msg["content"] + (f"\n\n<sub>{footer}</sub>" if footer else "")
         shown.append({"role": msg["role"], "content": content})
     return shown
 

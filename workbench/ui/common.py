@@ -21,7 +21,7 @@ from workbench.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NoRuntime", "RuntimeSlot", "UIContext", "GradioReporter", "user_error"]
+__all__ = ["NoRuntime", "RuntimeSlot", "UIContext", "TabHook", "GradioReporter", "user_error"]
 
 
 class NoRuntime(RuntimeError):
@@ -39,6 +39,7 @@ class RuntimeSlot:
     checkpoint_name: str = ""
     checkpoint_id: int | None = None
     policy: Policy | None = None
+    healthy: bool = False  # set once the server answered /health
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -59,7 +60,7 @@ class RuntimeSlot:
     def stop(self) -> None:
         """Stop the server if one runs (idempotent)."""
         with self.lock:
-            handle, self.handle, self.policy = self.handle, None, None
+            handle, self.handle, self.policy, self.healthy = self.handle, None, None, False
         if handle is not None:
             log.info("stopping runtime at %s", handle.base_url)
             handle.stop()
@@ -70,6 +71,16 @@ class UIContext:
     engine: Engine
     settings: Settings
     runtime: RuntimeSlot = field(default_factory=RuntimeSlot)
+
+
+@dataclass
+class TabHook:
+    """How a tab refreshes its lists when the page loads or the tab is selected: the layout is built
+    once at start-up, so dropdown choices computed then would go stale (new checkpoints, policies)."""
+
+    fn: Any
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
 
 
 class GradioReporter(Reporter):

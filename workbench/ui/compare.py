@@ -20,7 +20,7 @@ from workbench.chat_client import ChatStats, stream_chat
 from workbench.loadgen import LoadSpec, compare_policies
 from workbench.policy import Policy
 from workbench.ui.chat import served_by, stats_footer
-from workbench.ui.common import UIContext, user_error
+from workbench.ui.common import TabHook, UIContext, user_error
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def _restoring_policy(ctx: UIContext):
                 log.warning("could not restore policy %s: %s", before.name, exc)
 
 
-def build_compare_tab(ctx: UIContext) -> None:
-    """Create and wire the Compare tab inside the current `gr.Blocks`."""
+def build_compare_tab(ctx: UIContext) -> TabHook:
+    """Create and wire the Compare tab inside the current `gr.Blocks`; returns its refresh hook."""
     names = list(views.policy_library(ctx.engine))
     refresh = gr.Button("Refresh policy lists (for the running checkpoint)")
     gr.Markdown("### Benchmark policies on one workload")
@@ -106,6 +106,9 @@ def build_compare_tab(ctx: UIContext) -> None:
         winner = plots.pick_winner(bench)
         text = (f"**Winner on TPOT p50: {winner}** (lowest mean over the loads). "
                 f"Errors: {int(bench['errors'].sum())}.") if winner else "No successful requests."
+        top = bench["top_error"].dropna()
+        if len(top):
+            text += f"\n\nMost frequent error: {top.iloc[0]}"
         return text, plots.compare_figure(bench), bench.reindex(columns=SUMMARY_COLUMNS)
 
     run_btn.click(run, [chosen, rates, count, words, tokens, conc, limit], [verdict, figure, table])
@@ -157,12 +160,15 @@ def build_compare_tab(ctx: UIContext) -> None:
 
     gr.on([send.click, prompt.submit], battle, [prompt, arena_tokens, *pickers], [prompt, *chatbots, *stats])
 
-    def refresh_lists():
+    def refresh_lists(chosen_now, *picked):
         try:
             library = list(_library(ctx))
         except Exception as exc:
             raise user_error(exc) from None
-        return (gr.update(choices=library, value=library[:2]),
-                *[gr.update(choices=library, value=library[min(i, len(library) - 1)]) for i in range(NUM_SIDES)])
+        kept = [p for p in chosen_now or [] if p in library]
+        sides = [p if p in library else library[min(i, len(library) - 1)] for i, p in enumerate(picked)]
+        return gr.update(choices=library, value=kept if len(kept) >= 2 else library[:2]), *[
+            gr.update(choices=library, value=side) for side in sides]
 
-    refresh.click(refresh_lists, None, [chosen, *pickers])
+    refresh.click(refresh_lists, [chosen, *pickers], [chosen, *pickers])
+    return TabHook(refresh_lists, [chosen, *pickers], [chosen, *pickers])

@@ -16,7 +16,7 @@ import pandas as pd
 
 from workbench import plots, views
 from workbench.loadgen import LoadSpec, run_load
-from workbench.ui.common import UIContext, user_error
+from workbench.ui.common import TabHook, UIContext, user_error
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def live_figures(steps: pd.DataFrame, requests: pd.DataFrame, *, window_s: float
             plots.step_latency_figure(steps), plots.rolling_latency_figure(requests, changes=changes))
 
 
-def build_live_tab(ctx: UIContext) -> None:
-    """Create and wire the Live tab inside the current `gr.Blocks`."""
+def build_live_tab(ctx: UIContext) -> TabHook:
+    """Create and wire the Live tab inside the current `gr.Blocks`; returns its refresh hook."""
     with gr.Row():
         run = gr.Dropdown(run_choices(ctx), value=CURRENT, label="Run", elem_id="fq-live-run", scale=3)
         window = gr.Slider(10, 600, value=120, step=10, label="Window (s)", scale=2)
@@ -116,7 +116,9 @@ def build_live_tab(ctx: UIContext) -> None:
         return (f"Sent {s['requests']} requests in {s['wall_s']:.1f} s ({s['errors']} errors): "
                 f"TTFT p50 {ms(s['ttft_p50_ms'])}, p90 {ms(s['ttft_p90_ms'])}; "
                 f"TPOT p50 {ms(s['tpot_p50_ms'])}, p90 {ms(s['tpot_p90_ms'])}; "
-                f"{s['output_tok_per_s']:.1f} output tokens/s")
+                f"{s['output_tok_per_s']:.1f} output tokens/s"
+                + (f"\n\nMost frequent error: {s['top_error']}" if s["top_error"] else ""))
 
     go_btn.click(start_load, [rate, prompt_words, max_tokens, concurrency, count, duration], load_result)
     stop_btn.click(lambda: stop_event.set() or "Stopping…", None, load_result)
+    return TabHook(lambda: gr.update(choices=run_choices(ctx)), [], [run])

@@ -76,7 +76,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
 
     gr.Markdown("### Quantize and merge")
     with gr.Row():
-        src_model = gr.Dropdown(model_choices(ctx), label="Source model", elem_id="fq-src-model")
+        src_model = gr.Dropdown(model_choices(ctx), value=None, label="Source model", elem_id="fq-src-model")
         ckpt_name = gr.Textbox(label="Checkpoint name", placeholder="smollm2-flex", elem_id="fq-ckpt-name")
         title = gr.Textbox(label="Job title (optional)")
     with gr.Row():
@@ -103,7 +103,8 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
     gr.Markdown("### Checkpoints")
     ckpts_df = gr.Dataframe(views.checkpoints_frame(ctx.engine), interactive=False, label="Checkpoints",
                             max_height=220)
-    ckpt_pick = gr.Dropdown(checkpoint_choices(ctx, kind=None), label="Open checkpoint", elem_id="fq-open-ckpt")
+    ckpt_pick = gr.Dropdown(checkpoint_choices(ctx, kind=None), value=None, label="Open checkpoint",
+                            elem_id="fq-open-ckpt")
     with gr.Row():
         variants_df = gr.Dataframe(pd.DataFrame(columns=["name", "scheme", "group_size", "weight_mb"]),
                                    label="Variants", interactive=False)

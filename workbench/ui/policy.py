@@ -25,7 +25,7 @@ from workbench.policy import (
     policy_from_dict,
     policy_to_yaml,
 )
-from workbench.ui.common import UIContext, user_error
+from workbench.ui.common import TabHook, UIContext, user_error
 from workbench.ui.models_jobs import checkpoint_choices
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,14 @@ def validate_policy_text(text: str, info: views.CheckpointInfo | None) -> tuple[
     return policy, f"**Valid:** policy `{policy.name}`{where}"
 
 
-def build_policy_tab(ctx: UIContext) -> None:
-    """Create and wire the Policy tab inside the current `gr.Blocks`."""
+def build_policy_tab(ctx: UIContext) -> TabHook:
+    """Create and wire the Policy tab inside the current `gr.Blocks`; returns its refresh hook."""
     name0, prefill0, decode0, layers0 = policy_to_form(DEFAULT_POLICY)
     with gr.Row():
-        ckpt = gr.Dropdown(checkpoint_choices(ctx), label="Check against checkpoint", elem_id="fq-pol-ckpt")
-        load = gr.Dropdown(list(views.policy_library(ctx.engine)), label="Load a policy", elem_id="fq-pol-load")
+        ckpt = gr.Dropdown(checkpoint_choices(ctx), value=None, label="Check against checkpoint",
+                           elem_id="fq-pol-ckpt")
+        load = gr.Dropdown(list(views.policy_library(ctx.engine)), value=None, label="Load a policy",
+                           elem_id="fq-pol-load")
     with gr.Row():
         with gr.Column():
             gr.Markdown("**Form**")
@@ -202,3 +204,12 @@ def build_policy_tab(ctx: UIContext) -> None:
         return f"Applied **{policy.name}** to `{slot.checkpoint_name}`{at}. Watch it in the Live tab."
 
     apply_btn.click(on_apply, yaml_box, result)
+
+    def refresh(checkpoint_id):
+        fresh = checkpoint_choices(ctx)
+        if checkpoint_id is None and ctx.runtime.checkpoint_id is not None:
+            checkpoint_id = ctx.runtime.checkpoint_id  # check against what is being served
+        keep = checkpoint_id if checkpoint_id in [i for _, i in fresh] else None
+        return gr.update(choices=fresh, value=keep), gr.update(choices=list(views.policy_library(ctx.engine)))
+
+    return TabHook(refresh, [ckpt], [ckpt, load])

@@ -15,7 +15,7 @@ import pandas as pd
 
 from workbench import chat_client, views
 from workbench.runtime.serve import ServeConfig, start_server
-from workbench.ui.common import UIContext, user_error
+from workbench.ui.common import TabHook, UIContext, user_error
 from workbench.ui.models_jobs import checkpoint_choices
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ def status_markdown(ctx: UIContext) -> str:
     handle = slot.handle
     if handle is None:
         return "**Stopped.** Pick a checkpoint and a policy, then start."
+    if not handle.is_running():
+        return (f"**The server stopped unexpectedly** (exit code {handle.proc.returncode}); the log below says why. "
+                "Press Stop to clear, then start again.")
+    if not slot.healthy:
+        return f"**Starting** `{slot.checkpoint_name}` at {handle.base_url}… (loading weights)"
     runtime = getattr(handle, "runtime", "")
     policy = slot.policy.name if slot.policy else "?"
     text = (f"**Running** `{slot.checkpoint_name}` at {handle.base_url} — runtime **{runtime or 'auto'}**, "
@@ -59,11 +64,33 @@ def _memory(ctx: UIContext) -> pd.DataFrame:
         return pd.DataFrame(columns=["part", "bytes", "MiB"])
 
 
-def build_runtime_tab(ctx: UIContext) -> None:
-    """Create and wire the Runtime tab inside the current `gr.Blocks`."""
+def _policy_choices(ctx: UIContext, checkpoint_id, current: str | None = None) -> tuple[list[str], str | None]:
+    """Policy names fitting a checkpoint and the one to select: `current` if it still fits, else the
+    checkpoint's default policy, else the first."""
+    if checkpoint_id is None:
+        return [], None
+    info = views.checkpoint_info(ctx.engine, int(checkpoint_id))
+    names = list(views.policy_library(ctx.engine, variants=info.variants))
+    if current in names:
+        return names, current
+    if info.default_policy is not None and info.default_policy.name in names:
+        return names, info.default_policy.name
+    return names, (names[0] if names else None)
+
+
+def _policy_update(ctx: UIContext, checkpoint_id, current: str | None = None) -> dict:
+    names, value = _policy_choices(ctx, checkpoint_id, current)
+    return gr.update(choices=names, value=value)
+
+
+def build_runtime_tab(ctx: UIContext) -> TabHook:
+    """Create and wire the Runtime tab inside the current `gr.Blocks`; returns its refresh hook."""
+    choices = checkpoint_choices(ctx)
+    first = choices[0][1] if choices else None
     with gr.Row():
-        ckpt = gr.Dropdown(checkpoint_choices(ctx), label="Checkpoint (merged)", elem_id="fq-rt-ckpt", scale=2)
-        policy = gr.Dropdown([], label="Policy", elem_id="fq-rt-policy", scale=2)
+        ckpt = gr.Dropdown(choices, value=first, label="Checkpoint (merged)", elem_id="fq-rt-ckpt", scale=2)
+        names, chosen = _policy_choices(ctx, first)
+        policy = gr.Dropdown(names, value=chosen, label="Policy", elem_id="fq-rt-policy", scale=2)
         runtime = gr.Radio(["auto", "cpu", "vllm"], value="auto", label="Runtime", scale=1)
     with gr.Row():
         port = gr.Number(value=8000, precision=0, minimum=1024, maximum=65535, label="Port")
@@ -78,17 +105,15 @@ def build_runtime_tab(ctx: UIContext) -> None:
                           interactive=False)
     logs = gr.Textbox(label="Server log (tail)", lines=12, max_lines=12, autoscroll=True, interactive=False)
 
-    def policies_for(checkpoint_id):
-        if checkpoint_id is None:
-            return gr.update(choices=[], value=None)
-        info = views.checkpoint_info(ctx.engine, int(checkpoint_id))
-        library = views.policy_library(ctx.engine, variants=info.variants)
-        names = list(library)
-        first = info.default_policy.name if info.default_policy and info.default_policy.name in library else names[0]
-        return gr.update(choices=names, value=first)
+    ckpt.change(lambda c: _policy_update(ctx, c), ckpt, policy)
 
-    ckpt.change(policies_for, ckpt, policy)
-    refresh_btn.click(lambda: gr.update(choices=checkpoint_choices(ctx)), None, ckpt)
+    def refresh(checkpoint_id, current_policy):
+        fresh = checkpoint_choices(ctx)
+        ids = [i for _, i in fresh]
+        keep = checkpoint_id if checkpoint_id in ids else (ids[0] if ids else None)
+        return gr.update(choices=fresh, value=keep), _policy_update(ctx, keep, current_policy), status_markdown(ctx)
+
+    refresh_btn.click(refresh, [ckpt, policy], [ckpt, policy, status])
 
     def start(checkpoint_id, policy_name, runtime_kind, port_no, mem_fraction, tp_size):
         try:
@@ -108,9 +133,10 @@ def build_runtime_tab(ctx: UIContext) -> None:
             handle = slot.handle
         except Exception as exc:
             raise user_error(exc) from None
-        yield f"**Starting** `{info.name}` on port {int(port_no)}… (loading weights)", gr.skip()
+        yield status_markdown(ctx), gr.skip()
         try:
             handle.wait_healthy(HEALTH_TIMEOUT_S)
+            ctx.runtime.healthy = True
         except Exception as exc:
             tail = log_tail(getattr(handle, "log_path", None))
             ctx.runtime.stop()
@@ -128,6 +154,9 @@ def build_runtime_tab(ctx: UIContext) -> None:
 
     def poll():
         handle = ctx.runtime.handle
-        return log_tail(getattr(handle, "log_path", None)) if handle else gr.skip(), _memory(ctx)
+        if handle is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return log_tail(handle.log_path), _memory(ctx), status_markdown(ctx)
 
-    gr.Timer(3.0).tick(poll, None, [logs, memory], show_progress="hidden")
+    gr.Timer(3.0).tick(poll, None, [logs, memory, status], show_progress="hidden")
+    return TabHook(refresh, [ckpt, policy], [ckpt, policy, status])
