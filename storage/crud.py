@@ -58,7 +58,9 @@ def _find(engine: Engine, table: type, *, name: str | None, id: int | None):  # 
         return session.exec(select(table).where(table.name == name)).first()
 
 
-def find_source_model(engine: Engine, *, name: str | None = None, id: int | None = None) -> SourceModel | None:  # noqa: A002
+def find_source_model(
+    engine: Engine, *, name: str | None = None, id: int | None = None  # noqa: A002 - the column's name
+) -> SourceModel | None:
     """The SourceModel with this id (if given) or name, or None."""
     return _find(engine, SourceModel, name=name, id=id)
 

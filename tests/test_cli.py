@@ -328,3 +328,41 @@ def test_console_script_if_installed(data_dir: Path) -> None:
     r = subprocess.run([str(exe), "--data-dir", str(data_dir), "init", "--no-model"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and (data_dir / "workbench.db").is_file(), r.stderr
+
+
+@pytest.mark.slow
+def test_quantize_wait_check_evaluate_end_to_end(data_dir: Path, tmp_path: Path) -> None:
+    """Real backends: a worker started by `flexquant jobs worker`, a tiny random Llama, GPTQ."""
+    from workbench.quant.synthetic import make_tiny_source_model
+
+    cli(data_dir, "init", "--no-model")
+    make_tiny_source_model(data_dir / "models" / "tiny")
+    assert cli(data_dir, "models", "add", "tiny", str(data_dir / "models" / "tiny")).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXQUANT_")}
+    env.update(PYTHONPATH=str(ROOT), FLEXQUANT_HEARTBEAT_S="0.5")
+    cmd = [sys.executable, "-m", "workbench.cli", "--data-dir", str(data_dir), "jobs", "worker"]
+    worker = subprocess.Popen(cmd,
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "worker.log", "wb"))  # noqa: SIM115
+    try:
+        r = cli(data_dir, "quantize", "tiny", "--name", "tiny-fq", "--num-samples", "8", "--seq-len", "64",
+                "--wait")
+        assert r.exit_code == 0, r.output + (tmp_path / "worker.log").read_text()
+        assert "job 1 done" in r.stdout
+        checked = cli(data_dir, "check", "tiny-fq")
+        assert checked.exit_code == 0 and "checkpoint ok" in checked.stdout
+        assert "w8a8, w4a16" in checked.stdout
+        policy = write_policy(tmp_path)
+        ck_dir = data_dir / "checkpoints" / "tiny-fq"
+        assert cli(data_dir, "policy", "validate", str(policy), "--checkpoint", str(ck_dir)).exit_code == 0
+        cli(data_dir, "policy", "save", str(policy))
+        r = cli(data_dir, "evaluate", "tiny-fq", "--policy", "pd-test", "--wait")
+        assert r.exit_code == 0, r.output + (tmp_path / "worker.log").read_text()
+        evals = sqlite3.connect(data_dir / "workbench.db").execute("select target from evalresult").fetchall()
+        assert {"all-w8a8", "all-w4a16", "pd-test"} <= {t for (t,) in evals}
+        r = cli(data_dir, "quantize", "tiny", "--name", "tiny-fq")
+        assert r.exit_code == 2 and "tiny-fq" in r.stderr  # checkpoint name taken: refused at submit
+        assert table_count(data_dir / "workbench.db", "job") == 2
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

@@ -145,7 +145,8 @@ def test_add_with_settings_confines_paths(db_engine, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="outside the folders.*FLEXQUANT_ALLOWED_ROOTS.*--allow-root"):
         add_model(db_engine, name="m", path=folder, settings=settings)
     assert db_snapshot(db_engine) == []
-    row = add_model(db_engine, name="m", path=folder, settings=Settings(data_dir=data, allowed_roots=[outside]))
+    allowed = Settings(data_dir=data, allowed_roots=[outside])
+    row = add_model(db_engine, name="m", path=folder, settings=allowed)
     assert row.path == str(folder.resolve())
 
 
@@ -164,7 +165,8 @@ def test_resolve_user_path_follows_symlinks(tmp_path: Path) -> None:
     assert resolve_user_path(data / "inner", settings=settings) == (data / "inner").resolve()
     with pytest.raises(PathNotAllowed, match="does not exist"):
         resolve_user_path(data / "missing", settings=settings)
-    assert resolve_user_path(data / "missing", settings=settings, must_exist=False) == (data / "missing").resolve()
+    new = resolve_user_path(data / "missing", settings=settings, must_exist=False)
+    assert new == (data / "missing").resolve()
     with pytest.raises(PathNotAllowed, match="is a file"):
         resolve_user_path(outside / "f.txt", settings=Settings(data_dir=data, allowed_roots=[outside]))
     # A sibling whose name merely starts with the root's name is not inside it.

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich import box
+from rich.markup import escape
 from rich.table import Column, Table
 from typer.core import TyperGroup
 
@@ -72,10 +73,13 @@ app.add_typer(models_app, name="models")
 @app.callback()
 def _root(
     ctx: typer.Context,
-    data_dir: Path = typer.Option(None, "--data-dir", help="Workbench data folder (overrides FLEXQUANT_DATA_DIR)."),
-    allow_root: list[Path] = typer.Option(  # noqa: B008 - typer's way
-        [], "--allow-root", help="Extra folder models/text may be read from (repeatable)."
-    ),
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Workbench data folder (overrides FLEXQUANT_DATA_DIR).")
+    ] = None,
+    allow_root: Annotated[
+        list[Path] | None,
+        typer.Option("--allow-root", help="Extra folder models/text may be read from (repeatable)."),
+    ] = None,
 ) -> None:
     """Read settings from FLEXQUANT_* env vars, then apply the global options."""
     base = Settings()
@@ -92,7 +96,7 @@ def _root(
 @app.command()
 def init(
     ctx: typer.Context,
-    no_model: bool = typer.Option(False, "--no-model", help="Create the DB and folders only."),
+    no_model: Annotated[bool, typer.Option("--no-model", help="Create the DB and folders only.")] = False,
 ) -> None:
     """Create the data folder and DB, and convert + register the embedded default model (once)."""
     st = state(ctx)
@@ -132,14 +136,32 @@ def models_list(ctx: typer.Context) -> None:
 
     rows = list_models(state(ctx).engine())
     if not rows:
-        console.print("no models yet: `flexquant init` adds the default, `flexquant models add NAME PATH` yours")
+        console.print(
+            "no models yet: `flexquant init` adds the default, `flexquant models add NAME PATH` yours"
+        )
         return
-    table = Table("id", Column("name", no_wrap=True), "architecture", "layers", "params", "dtype", "size",
-                  "default", box=box.SIMPLE_HEAD)
+    table = Table(
+        "id",
+        Column("name", no_wrap=True),
+        "architecture",
+        "layers",
+        "params",
+        "dtype",
+        "size",
+        "default",
+        box=box.SIMPLE_HEAD,
+    )
     for m in rows:
-        table.add_row(str(m.id), m.name, m.architecture.removesuffix("ForCausalLM"), str(m.num_layers),
-                      human_count(m.num_params),
-                      m.dtype, human_bytes(m.size_bytes), "yes" if m.is_default else "")
+        table.add_row(
+            str(m.id),
+            m.name,
+            m.architecture.removesuffix("ForCausalLM"),
+            str(m.num_layers),
+            human_count(m.num_params),
+            m.dtype,
+            human_bytes(m.size_bytes),
+            "yes" if m.is_default else "",
+        )
     console.print(table)
 
 
@@ -149,9 +171,14 @@ def models_show(ctx: typer.Context, name: str) -> None:
     from workbench.models import ModelError, get_model, inspect_model_dir
 
     m = get_model(state(ctx).engine(), name)
-    fields = [(key, str(getattr(m, key))) for key in ("id", "name", "path", "architecture", "dtype", "num_layers")]
-    fields += [("params", human_count(m.num_params)), ("size", human_bytes(m.size_bytes)),
-               ("default", "yes" if m.is_default else "no")]
+    fields = [
+        (key, str(getattr(m, key))) for key in ("id", "name", "path", "architecture", "dtype", "num_layers")
+    ]
+    fields += [
+        ("params", human_count(m.num_params)),
+        ("size", human_bytes(m.size_bytes)),
+        ("default", "yes" if m.is_default else "no"),
+    ]
     try:
         info = inspect_model_dir(Path(m.path))
         fields.append(("on disk", f"ok: {', '.join(info.weight_files)}"))

@@ -29,7 +29,10 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 TERMINAL_STATUSES = ("done", "failed", "cancelled", "interrupted")
 # Modules that register job kinds, tried in order; the first is the app's own (it imports all kinds).
-KIND_MODULES = {"quantize": ("workbench.job_kinds", "workbench.quant.jobs"), "evaluate": ("workbench.job_kinds",)}
+KIND_MODULES = {
+    "quantize": ("workbench.job_kinds", "workbench.quant.jobs"),
+    "evaluate": ("workbench.job_kinds",),
+}
 
 
 def fail(message: str) -> None:
@@ -137,7 +140,9 @@ def wait_for_job(engine: Engine, job_id: int, *, poll_s: float = 0.5) -> Job:
 def finish_waited_job(job: Job) -> None:
     """Exit 0 for a done job; otherwise report its status and error (exit 2)."""
     if job.status == "done":
-        console.print(f"[green]job {job.id} done[/green]" + (f": {escape(job.result_json)}" if job.result_json else ""))
+        console.print(
+            f"[green]job {job.id} done[/green]" + (f": {escape(job.result_json)}" if job.result_json else "")
+        )
         return
     last_line = (job.error or "").strip().splitlines()[-1:] or [job.message or "no error recorded"]
     fail(f"job {job.id} {job.status}: {last_line[0]} (full log: `flexquant jobs show {job.id}`)")

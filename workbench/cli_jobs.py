@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich import box
+from rich.markup import escape
 from rich.table import Column, Table
 
 from workbench.cli_common import console, fail, fmt_time, print_fields, state
@@ -19,8 +20,10 @@ DEFAULT_KIND_MODULES = "workbench.job_kinds"
 @jobs_app.command("list")
 def jobs_list(
     ctx: typer.Context,
-    status: str = typer.Option(None, "--status", help="Only jobs in this state (queued, running, done, ...)."),
-    limit: int = typer.Option(50, "--limit", min=1, max=10_000),
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only jobs in this state (queued, running, done, ...).")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
 ) -> None:
     """Jobs, newest first."""
     from jobs import queue
@@ -32,19 +35,34 @@ def jobs_list(
     if not rows:
         console.print("no jobs" + (f" with status {status}" if status else ""))
         return
-    table = Table("id", "kind", "title", Column("status", no_wrap=True), "progress", "stage", "created",
-                  box=box.SIMPLE_HEAD)
+    table = Table(
+        "id",
+        "kind",
+        "title",
+        Column("status", no_wrap=True),
+        "progress",
+        "stage",
+        "created",
+        box=box.SIMPLE_HEAD,
+    )
     for job in rows:
-        table.add_row(str(job.id), job.kind, escape(job.title), job.status, f"{job.percent:.0f}%",
-                      escape(job.stage), fmt_time(job.created_at))
+        table.add_row(
+            str(job.id),
+            job.kind,
+            escape(job.title),
+            job.status,
+            f"{job.percent:.0f}%",
+            escape(job.stage),
+            fmt_time(job.created_at),
+        )
     console.print(table)
 
 
 @jobs_app.command("show")
 def jobs_show(
     ctx: typer.Context,
-    job_id: int = typer.Argument(..., metavar="ID"),
-    lines: int = typer.Option(20, "--lines", "-n", min=0, help="How many log lines to show."),
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many log lines to show.")] = 20,
 ) -> None:
     """One job: state, progress, parameters, result or error, and the end of its log."""
     from jobs import queue
@@ -52,10 +70,15 @@ def jobs_show(
     job = queue.get_job(state(ctx).engine(), job_id)
     eta = f", about {job.eta_s:.0f} s left" if job.eta_s and job.status == "running" else ""
     fields = [
-        ("id", str(job.id)), ("kind", job.kind), ("title", job.title), ("status", job.status),
+        ("id", str(job.id)),
+        ("kind", job.kind),
+        ("title", job.title),
+        ("status", job.status),
         ("progress", f"{job.percent:.1f}% {job.stage} {job.message}".strip() + eta),
-        ("attempts", str(job.attempts)), ("created", fmt_time(job.created_at)),
-        ("started", fmt_time(job.started_at)), ("finished", fmt_time(job.finished_at)),
+        ("attempts", str(job.attempts)),
+        ("created", fmt_time(job.created_at)),
+        ("started", fmt_time(job.started_at)),
+        ("finished", fmt_time(job.finished_at)),
         ("params", job.params_json),
     ]
     if job.result_json:
@@ -73,7 +96,7 @@ def jobs_show(
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(ctx: typer.Context, job_id: int = typer.Argument(..., metavar="ID")) -> None:
+def jobs_cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Cancel a queued job, or ask a running one to stop."""
     from jobs import queue
 
@@ -83,7 +106,7 @@ def jobs_cancel(ctx: typer.Context, job_id: int = typer.Argument(..., metavar="I
 
 
 @jobs_app.command("retry")
-def jobs_retry(ctx: typer.Context, job_id: int = typer.Argument(..., metavar="ID")) -> None:
+def jobs_retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
     """Queue a failed, cancelled or interrupted job again."""
     from jobs import queue
 
@@ -94,8 +117,10 @@ def jobs_retry(ctx: typer.Context, job_id: int = typer.Argument(..., metavar="ID
 @jobs_app.command("worker")
 def jobs_worker(
     ctx: typer.Context,
-    modules: str = typer.Option(DEFAULT_KIND_MODULES, "--modules", help="Comma-separated modules registering job kinds."),
-    once: bool = typer.Option(False, "--once", help="Exit when no job is left to claim."),
+    modules: Annotated[
+        str, typer.Option("--modules", help="Comma-separated modules registering job kinds.")
+    ] = DEFAULT_KIND_MODULES,
+    once: Annotated[bool, typer.Option("--once", help="Exit when no job is left to claim.")] = False,
 ) -> None:
     """Run a job worker in the foreground (Ctrl-C stops it; a running job is marked interrupted)."""
     from jobs import worker
@@ -103,8 +128,18 @@ def jobs_worker(
     st = state(ctx)
     st.settings.ensure_dirs()
     st.engine()  # create/check the DB here so a bad DB fails with a clear message
-    argv = ["--db", str(st.settings.db_path), "--data-dir", str(st.settings.data_dir), "--modules", modules,
-            "--heartbeat", str(st.settings.heartbeat_s), "--stale-after", str(st.settings.stale_after_s)]
+    argv = [
+        "--db",
+        str(st.settings.db_path),
+        "--data-dir",
+        str(st.settings.data_dir),
+        "--modules",
+        modules,
+        "--heartbeat",
+        str(st.settings.heartbeat_s),
+        "--stale-after",
+        str(st.settings.stale_after_s),
+    ]
     if once:
         argv.append("--once")
     code = worker.main(argv)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich import box
+from rich.markup import escape
 from rich.table import Column, Table
 
 from workbench.cli_common import console, fail, fmt_time, state
@@ -57,7 +58,9 @@ def _summary(policy: Policy) -> str:
 @policy_app.command("validate")
 def policy_validate(
     file: Path,
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="Also check it against this checkpoint folder."),
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="Also check it against this checkpoint folder.")
+    ] = None,
 ) -> None:
     """Check a policy file (and, with --checkpoint, that the checkpoint has its variants and layers)."""
     policy, _ = read_policy_file(file)
@@ -117,12 +120,16 @@ def policy_show(ctx: typer.Context, name: str) -> None:
 @policy_app.command("apply")
 def policy_apply(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="Saved policy name or a policy file."),
-    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of the running server."),
+    name: Annotated[str, typer.Argument(help="Saved policy name or a policy file.")],
+    url: Annotated[
+        str, typer.Option("--url", help="Base URL of the running server.")
+    ] = "http://127.0.0.1:8000",
 ) -> None:
     """Switch a running server (vLLM or CPU) to this policy now (PUT /flexquant/policy)."""
     from workbench.chat_client import put_policy
 
     policy = policy_by_name_or_file(ctx, name)
     reply = put_policy(url.rstrip("/"), policy)
-    console.print(f"[green]policy {escape(policy.name)} applied[/green] at step {reply.get('applied_at_step')}")
+    console.print(
+        f"[green]policy {escape(policy.name)} applied[/green] at step {reply.get('applied_at_step')}"
+    )

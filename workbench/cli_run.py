@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -44,16 +45,22 @@ def resolve_checkpoint(ctx: typer.Context, name_or_path: str) -> tuple[Path, str
 
 def quantize(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Source model name (see `flexquant models list`)."),
-    name: str = typer.Option(..., "--name", help="Name of the checkpoint to create."),
-    variants: str = typer.Option("w8a8,w4a16", "--variants", help="Comma-separated variants."),
-    smoothquant: float = typer.Option(0.8, "--smoothquant", help="SmoothQuant strength (0 disables)."),
-    group_size: int = typer.Option(128, "--group-size", help="W4A16 group size (lowered to fit the model)."),
-    calibration: Path = typer.Option(None, "--calibration", help=".txt or .jsonl calibration text."),
-    num_samples: int = typer.Option(64, "--num-samples"),
-    seq_len: int = typer.Option(512, "--seq-len"),
-    title: str = typer.Option("", "--title"),
-    wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends."),
+    model: Annotated[str, typer.Argument(help="Source model name (see `flexquant models list`).")],
+    name: Annotated[str, typer.Option("--name", help="Name of the checkpoint to create.")],
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated variants.")] = "w8a8,w4a16",
+    smoothquant: Annotated[
+        float, typer.Option("--smoothquant", help="SmoothQuant strength (0 disables).")
+    ] = 0.8,
+    group_size: Annotated[
+        int, typer.Option("--group-size", help="W4A16 group size (lowered to fit the model).")
+    ] = 128,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help=".txt or .jsonl calibration text.")
+    ] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    title: Annotated[str, typer.Option("--title")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Queue a quantize job: one merged checkpoint with every requested variant."""
     from jobs import queue
@@ -75,8 +82,12 @@ def quantize(
         "seq_len": seq_len,
     }
     register_kind("quantize")
-    job = queue.submit(engine, "quantize", {"model": source.name, "checkpoint": name, "recipe": recipe},
-                       title=title or f"quantize {source.name} -> {name}")
+    job = queue.submit(
+        engine,
+        "quantize",
+        {"model": source.name, "checkpoint": name, "recipe": recipe},
+        title=title or f"quantize {source.name} -> {name}",
+    )
     console.print(job_summary(job))
     if wait:
         finish_waited_job(wait_for_job(engine, job.id))
@@ -84,16 +95,22 @@ def quantize(
 
 def check(
     ctx: typer.Context,
-    checkpoint: str = typer.Argument(..., help="Checkpoint name or folder."),
-    no_hashes: bool = typer.Option(False, "--no-hashes", help="Skip the sha256 check of every file."),
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint name or folder.")],
+    no_hashes: Annotated[
+        bool, typer.Option("--no-hashes", help="Skip the sha256 check of every file.")
+    ] = False,
 ) -> None:
     """Check a checkpoint's config, tensors and manifest; exit 2 listing every problem."""
     check_mod = import_backend("workbench.quant.check", "check")
     folder, _ = resolve_checkpoint(ctx, checkpoint)
     report = check_mod.check_checkpoint(folder, verify_hashes=not no_hashes)
-    fields = [("path", str(report.path)), ("kind", report.kind), ("variants", ", ".join(report.variants) or "-"),
-              ("layers", str(report.num_layers or "-")),
-              ("files", f"{len(report.files)} ({human_bytes(sum(report.files.values()))})")]
+    fields = [
+        ("path", str(report.path)),
+        ("kind", report.kind),
+        ("variants", ", ".join(report.variants) or "-"),
+        ("layers", str(report.num_layers or "-")),
+        ("files", f"{len(report.files)} ({human_bytes(sum(report.files.values()))})"),
+    ]
     fields += [(f"weights {variant}", human_bytes(size)) for variant, size in report.weight_bytes.items()]
     print_fields(fields)
     for warning in report.warnings:
@@ -107,11 +124,14 @@ def check(
 
 def evaluate(
     ctx: typer.Context,
-    checkpoint: str = typer.Argument(..., help="Registered checkpoint name."),
-    policy: list[str] = typer.Option([], "--policy", help="Saved policy to score too (repeatable)."),  # noqa: B008
-    wait: bool = typer.Option(False, "--wait", help="Show progress until the job ends."),
+    checkpoint: Annotated[str, typer.Argument(help="Registered checkpoint name.")],
+    policy: Annotated[
+        list[str] | None, typer.Option("--policy", help="Saved policy to score too (repeatable).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
     """Queue an evaluate job: perplexity/agreement of bf16, every variant and the given policies."""
+    policy = policy or []
     from jobs import queue
     from storage.crud import find_checkpoint, find_policy
 
@@ -122,8 +142,12 @@ def evaluate(
         if find_policy(engine, name=name) is None:
             fail(f"no saved policy named {name!r}; save it with `flexquant policy save FILE`")
     register_kind("evaluate")
-    job = queue.submit(engine, "evaluate", {"checkpoint": checkpoint, "policies": list(policy)},
-                       title=f"evaluate {checkpoint}")
+    job = queue.submit(
+        engine,
+        "evaluate",
+        {"checkpoint": checkpoint, "policies": list(policy)},
+        title=f"evaluate {checkpoint}",
+    )
     console.print(job_summary(job))
     if wait:
         finish_waited_job(wait_for_job(engine, job.id))
@@ -131,14 +155,18 @@ def evaluate(
 
 def serve(
     ctx: typer.Context,
-    checkpoint: str = typer.Argument(..., help="Checkpoint name or folder."),
-    policy: str = typer.Option(None, "--policy", help="Saved policy name or file (default: the checkpoint's)."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    runtime: str = typer.Option("auto", "--runtime", help="auto, cpu or vllm."),
-    gpu_memory_utilization: float = typer.Option(0.85, "--gpu-memory-utilization"),
-    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
-    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait for the server to be healthy."),
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint name or folder.")],
+    policy: Annotated[
+        str | None, typer.Option("--policy", help="Saved policy name or file (default: the checkpoint's).")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    runtime: Annotated[str, typer.Option("--runtime", help="auto, cpu or vllm.")] = "auto",
+    gpu_memory_utilization: Annotated[float, typer.Option("--gpu-memory-utilization")] = 0.85,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", min=1)] = 1,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the server to be healthy.")
+    ] = 600,
 ) -> None:
     """Serve a checkpoint (vLLM on a GPU, else the CPU reference) until Ctrl-C."""
     serve_mod = import_backend("workbench.runtime.serve", "serve")
@@ -152,15 +180,23 @@ def serve(
     else:
         default = read_flexquant_config(folder).get("policy")
         chosen = policy_from_dict(default) if default else DEFAULT_POLICY
-    cfg = serve_mod.ServeConfig(checkpoint=folder, policy=chosen, port=port, host=host, runtime=runtime,
-                                gpu_memory_utilization=gpu_memory_utilization,
-                                tensor_parallel_size=tensor_parallel_size)
+    cfg = serve_mod.ServeConfig(
+        checkpoint=folder,
+        policy=chosen,
+        port=port,
+        host=host,
+        runtime=runtime,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     handle = serve_mod.start_server(cfg, engine=st.engine(), settings=st.settings)
     try:
         console.print(f"starting server (log: {escape(str(handle.log_path))}) ...")
         handle.wait_healthy(timeout)
-        console.print(f"[green]serving {escape(str(folder))}[/green] at {handle.base_url} with policy "
-                      f"{escape(chosen.name)} (run {handle.run_id}); Ctrl-C stops it")
+        console.print(
+            f"[green]serving {escape(str(folder))}[/green] at {handle.base_url} with policy "
+            f"{escape(chosen.name)} (run {handle.run_id}); Ctrl-C stops it"
+        )
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -171,27 +207,39 @@ def serve(
 
 def bench(
     ctx: typer.Context,
-    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Running local server."),
-    policy: list[str] = typer.Option([], "--policy", help="Saved policy or file; 2+ compares them."),  # noqa: B008
-    rate: list[float] = typer.Option([1.0], "--rate", help="Arrival rate in requests/s (repeatable)."),  # noqa: B008
-    num_requests: int = typer.Option(16, "--requests"),
-    prompt_words: int = typer.Option(64, "--prompt-words"),
-    max_tokens: int = typer.Option(32, "--max-tokens"),
-    concurrency: int = typer.Option(4, "--concurrency"),
-    duration: float = typer.Option(60.0, "--duration", help="Time limit per run in seconds."),
-    out: Path = typer.Option(None, "--out", help="Also write the results as CSV."),
+    url: Annotated[str, typer.Option("--url", help="Running local server.")] = "http://127.0.0.1:8000",
+    policy: Annotated[
+        list[str] | None, typer.Option("--policy", help="Saved policy or file; 2+ compares them.")
+    ] = None,
+    rate: Annotated[
+        list[float] | None, typer.Option("--rate", help="Arrival rate in requests/s (repeatable).")
+    ] = None,
+    num_requests: Annotated[int, typer.Option("--requests")] = 16,
+    prompt_words: Annotated[int, typer.Option("--prompt-words")] = 64,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 32,
+    concurrency: Annotated[int, typer.Option("--concurrency")] = 4,
+    duration: Annotated[float, typer.Option("--duration", help="Time limit per run in seconds.")] = 60.0,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the results as CSV.")] = None,
 ) -> None:
     """Drive a running server with a Poisson workload; with 2+ policies compare them live."""
+    policy, rate = policy or [], rate or [1.0]
     loadgen = import_backend("workbench.loadgen", "bench")
     import pandas as pd
 
-    spec = loadgen.LoadSpec(rate=rate[0], prompt_words=prompt_words, max_tokens=max_tokens,
-                            concurrency=concurrency, num_requests=num_requests, duration_s=duration)
+    spec = loadgen.LoadSpec(
+        rate=rate[0],
+        prompt_words=prompt_words,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        num_requests=num_requests,
+        duration_s=duration,
+    )
     url = url.rstrip("/")
     if len(policy) >= 2:
         policies = [policy_by_name_or_file(ctx, p) for p in policy]
         frame = loadgen.compare_policies(
-            url, policies, list(rate), spec, on_progress=lambda what, f: console.print(f"{f:4.0%} {what}"))
+            url, policies, list(rate), spec, on_progress=lambda what, f: console.print(f"{f:4.0%} {what}")
+        )
     else:
         if policy:
             from workbench.chat_client import put_policy

@@ -74,7 +74,9 @@ def _decode(data: bytes, path: Path) -> str:
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
-        raise TextDataError(f"{path} line {line}: contains NUL bytes, so it looks binary; give a UTF-8 text file")
+        raise TextDataError(
+            f"{path} line {line}: contains NUL bytes, so it looks binary; give a UTF-8 text file"
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
