@@ -26,8 +26,10 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from jobs import queue, runner
+from jobs import child as job_process
+from jobs import queue
 from jobs.registry import import_kind_modules, is_requeue_safe, known_kinds
+from jobs.runner import EXIT_CANCELLED
 from storage.db import open_db
 from storage.models import Job
 
@@ -39,6 +41,15 @@ log = logging.getLogger("jobs.worker")
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_STALE_AFTER_S = 15.0
 DEFAULT_GRACE_S = 3.0
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env_with_project_root() -> dict[str, str]:
+    # `python -m jobs.worker` must import even where the project is not installed.
+    env = dict(os.environ)
+    paths = [str(_PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
 
 @dataclass
@@ -93,13 +104,12 @@ class Worker:
         queue.remove_work_dir(work_dir)  # leftovers of a crashed attempt with the same name
         work_dir.mkdir(parents=True)
         log.info("job %s (%s) attempt %s starts in %s", job.id, job.kind, job.attempts, work_dir)
-        log_path = runner.job_log_path(self.data_dir, job.id, job.attempts)
-        child = runner.spawn_job_process(
-            self.db_path, self.data_dir, self.modules, job.id, self.worker_id, log_path
-        )
+        log_path = job_process.job_log_path(self.data_dir, job.id, job.attempts)
+        self.engine.dispose()  # no SQLite connection may cross the fork (see jobs/child.py)
+        child = job_process.fork_job_process(self.db_path, self.data_dir, job.id, self.worker_id, log_path)
         peak_rss, stop_reason, last_beat = 0, None, time.monotonic()
         while child.poll() is None:
-            peak_rss = max(peak_rss, runner.tree_rss(child.pid))
+            peak_rss = max(peak_rss, job_process.tree_rss(child.pid))
             if stop_reason is None:
                 if self.stopping:
                     stop_reason = "worker stopping"
@@ -112,7 +122,7 @@ class Worker:
                     stop_reason = "cancel"
                 if stop_reason is not None:
                     log.info("job %s: stopping its process (%s)", job.id, stop_reason)
-                    runner.stop_job_process(child, self.grace_s)
+                    job_process.stop_job_process(child, self.grace_s)
                     continue
             time.sleep(min(0.2, self.poll_s))
         self._settle(job, child.returncode, stop_reason, work_dir, log_path)
@@ -127,7 +137,7 @@ class Worker:
         row = queue.get_job(self.engine, job.id)
         if row.status == "running" and row.worker_id == self.worker_id:
             error = None
-            if stop_reason == "cancel" or row.cancel_requested or returncode == runner.EXIT_CANCELLED:
+            if stop_reason == "cancel" or row.cancel_requested or returncode == EXIT_CANCELLED:
                 status, note = "cancelled", "cancelled; partial outputs removed"
             elif stop_reason == "worker stopping" and is_requeue_safe(job.kind):
                 status, note = "queued", "re-queued: the worker was stopped"
@@ -149,7 +159,7 @@ class Worker:
             if status == "failed":  # the job could not report why; its last output may say
                 lines = [
                     f"[worker] last output of the job process ({log_path}):",
-                    *runner.last_lines(log_path),
+                    *job_process.last_lines(log_path),
                     *lines,
                 ]
             queue.finish(
@@ -177,12 +187,10 @@ def start_worker(
     cmd += ["--modules", ",".join(modules), "--poll", str(poll_s), "--heartbeat", str(heartbeat_s)]
     cmd += ["--stale-after", str(stale_after_s), "--grace", str(grace_s)] + (["--once"] if once else [])
     if log_path is None:
-        return subprocess.Popen(cmd, env=runner.env_with_project_root(), stdout=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=_env_with_project_root(), stdout=subprocess.DEVNULL)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as stderr:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            cmd, env=runner.env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr
-        )
+        return subprocess.Popen(cmd, env=_env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,16 @@ def _write_pid_file(params: dict) -> None:
         os.replace(tmp, params["pid_file"])
 
 
+def _wait_for_file(path: str, timeout: float = 60.0, tick=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        if tick is not None:
+            tick()
+        time.sleep(0.05)
+
+
 @job_kind("sleep")
 def sleep_job(ctx, params):
     """Sleep `seconds` in `steps` steps, reporting progress and checking for cancel."""
@@ -37,6 +47,21 @@ def sleep_job(ctx, params):
         ctx.log(f"step {i + 1}")
         time.sleep(float(params.get("seconds", 1.0)) / steps)
     return {"steps": steps}
+
+
+@job_kind("progress_gate")
+def progress_gate_job(ctx, params):
+    """Reports rising progress and log lines until params['gate'] exists."""
+    ticks = [0]
+
+    def tick() -> None:
+        ticks[0] += 1
+        ctx.update("waiting", min(90.0, ticks[0]), f"tick {ticks[0]}")
+        ctx.log(f"tick {ticks[0]}")
+        ctx.check_cancelled()
+
+    _wait_for_file(params["gate"], tick=tick)
+    return {"ticks": ticks[0]}
 
 
 @job_kind("record")
@@ -103,11 +128,7 @@ def gpu_sleep_job(ctx, params):
     """A GPU job: logs start/end events; waits for params['wait_for'] to exist if given."""
     _append(params["events"], f"start {ctx.job_id}")
     if params.get("wait_for"):
-        deadline = time.monotonic() + 60
-        while not Path(params["wait_for"]).exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{params['wait_for']} never appeared")
-            time.sleep(0.05)
+        _wait_for_file(params["wait_for"])
     else:
         time.sleep(float(params.get("seconds", 0.3)))
     _append(params["events"], f"end {ctx.job_id}")
@@ -118,12 +139,12 @@ def touch_job(ctx, params):
     Path(params["path"]).touch()
 
 
-@job_kind("requeue_sleep", requeue_safe=True)
-def requeue_sleep_job(ctx, params):
-    """Safe to restart from scratch after a crash."""
+@job_kind("requeue_gate", requeue_safe=True)
+def requeue_gate_job(ctx, params):
+    """Safe to restart from scratch after a crash; runs until params['gate'] exists."""
     (ctx.work_dir / "partial.bin").write_bytes(b"z")
     _write_pid_file(params)
-    time.sleep(float(params.get("seconds", 1.0)))
+    _wait_for_file(params["gate"])
     return {"done": True}
 
 

@@ -171,7 +171,7 @@ def _dead_pid() -> int:
 def test_recover_settles_jobs_of_dead_or_silent_workers(db_engine, tmp_path):
     work = tmp_path / "work"
     dead = queue.submit(db_engine, "sleep", {})
-    safe = queue.submit(db_engine, "requeue_sleep", {})
+    safe = queue.submit(db_engine, "requeue_gate", {})
     silent = queue.submit(db_engine, "sleep", {})
     cancelling = queue.submit(db_engine, "sleep", {})
     healthy = queue.submit(db_engine, "sleep", {})
@@ -200,4 +200,4 @@ def test_recover_settles_jobs_of_dead_or_silent_workers(db_engine, tmp_path):
     assert status[healthy.id].status == "running"
     assert sorted(p.name for p in work.iterdir()) == [f"job-{healthy.id}-attempt-1"]
     # The re-queued job runs again as attempt 2.
-    assert queue.claim(db_engine, "w9", 9, kinds=["requeue_sleep"]).attempts == 2
+    assert queue.claim(db_engine, "w9", 9, kinds=["requeue_gate"]).attempts == 2

@@ -1,0 +1,148 @@
+"""The per-job child process, seen from the worker: fork it, stop it, measure it.
+
+Each attempt runs in its own process so the worker can always stop it (SIGTERM to its process
+group, SIGKILL after a grace period) even if the job never calls `check_cancelled()`, and so a
+crash or an out-of-memory kill takes down only that attempt. The child is forked, not exec'd: the
+job-kind modules (torch, transformers...) are already imported by the worker, and on a 2-core
+machine re-importing them for every job costs seconds. What runs inside is `jobs.runner`.
+
+Forking is safe here because the worker is single-threaded, never runs job code itself (so no
+torch thread pool or CUDA context exists), and closes its SQLite connections before each fork.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+from jobs import runner
+
+__all__ = ["JobProcess", "fork_job_process", "stop_job_process", "tree_rss", "job_log_path", "last_lines"]
+
+log = logging.getLogger(__name__)
+
+EXIT_CRASHED = 70  # the child's own machinery failed (see the attempt's log file)
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - exotic libc
+    _libc = None
+
+
+class JobProcess:
+    """A forked job process: the part of `subprocess.Popen` the worker needs."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None  # negative: killed by that signal, as with Popen
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit; `TimeoutError` if it is still running after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job process {self.pid} still running after {timeout} s")
+            time.sleep(0.02)
+        return self.returncode
+
+
+def job_log_path(data_dir: Path, job_id: int, attempt: int) -> Path:
+    """Full stdout/stderr of one attempt (the DB keeps only the last lines); kept after the job."""
+    return Path(data_dir) / "logs" / "jobs" / f"job-{job_id}-attempt-{attempt}.log"
+
+
+def fork_job_process(
+    db_path: Path, data_dir: Path, job_id: int, worker_id: str, log_path: Path
+) -> JobProcess:
+    """Fork a child that runs the claimed job `job_id` in its own session (process group), dies
+    with the worker, and writes its stdout/stderr to `log_path`.
+
+    The caller must hold no open SQLite connection (dispose its engine first)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    parent_pid = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns from this branch
+        code = EXIT_CRASHED
+        try:
+            os.close(ready_r)
+            os.setsid()
+            if _libc is not None:  # the kernel SIGKILLs us when the worker dies, however it dies
+                _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.close(ready_w)  # tells the worker our process group exists
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(out)
+            code = runner.child_main(Path(db_path), Path(data_dir), job_id, worker_id, parent_pid)
+        except BaseException:  # noqa: BLE001 - report anything, then leave without unwinding the worker
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(ready_w)
+    os.read(ready_r, 1)  # b"" once the child closed its end (after setsid) or died
+    os.close(ready_r)
+    return JobProcess(pid)
+
+
+def stop_job_process(child: JobProcess, grace_s: float) -> None:
+    """SIGTERM the job's process group, SIGKILL what is left after `grace_s`; returns once it exited."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            child.wait(timeout=wait_s)
+            break
+        except TimeoutError:
+            log.warning("job process %s ignored %s for %.1f s", child.pid, sig.name, wait_s)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the job's own subprocesses, if any survived it
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants now (0 if it is gone)."""
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def last_lines(path: Path, count: int = 20) -> list[str]:
+    """The last `count` lines of a text file (empty if it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16_384))
+            return f.read().decode("utf-8", "replace").splitlines()[-count:]
+    except OSError:
+        return []
