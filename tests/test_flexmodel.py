@@ -124,7 +124,7 @@ def reference_model(single: Path, quantize_inputs: bool = True):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     config = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(single, quantization_config=config)
+    model = AutoModelForCausalLM.from_pretrained(single, quantization_config=config, dtype=torch.float32)
     if not quantize_inputs:
         for module in model.modules():
             if getattr(module, "quantization_scheme", None) is not None:

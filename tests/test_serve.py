@@ -248,3 +248,76 @@ def test_cli_creates_its_own_run_and_ends_it_on_sigterm(ckpt, tmp_path):
         proc.wait(30)
     with Session(db) as s:
         assert s.get(Run, run_id).status == "ended"
+
+
+@pytest.fixture(scope="module")
+def smollm2_merged(default_model_dir, tmp_path_factory):
+    """SmolLM2-135M-Instruct quantized round-to-nearest (data-free) to W8A8 and W4A16 group 64
+    (576 is not a multiple of 128) by llmcompressor, then merged."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from test_flexmodel import merge_singles
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("smollm2")
+    w4 = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=64))
+    recipes = {"w8a8": QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"]),
+               "w4a16": QuantizationModifier(config_groups={"group_0": w4}, ignore=["lm_head"])}
+    singles = {}
+    for variant, recipe in recipes.items():
+        model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16)
+        oneshot(model=model, recipe=recipe)
+        singles[variant] = root / variant
+        model.save_pretrained(singles[variant], save_compressed=True)
+        for f in default_model_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                (singles[variant] / f.name).write_bytes(f.read_bytes())
+    try:
+        from workbench.quant.merge import merge_variants
+    except ImportError:
+        return merge_singles(singles, root / "merged"), singles
+    return merge_variants(singles, root / "merged", tokenizer_dir=default_model_dir), singles
+
+
+@pytest.mark.slow
+def test_real_smollm2_checkpoint_matches_transformers_and_serves_a_chat(smollm2_merged, tmp_path):
+    import torch
+    from test_flexmodel import reference_model
+
+    from workbench.runtime.flexmodel import FlexModel
+
+    merged, singles = smollm2_merged
+    flex = FlexModel.load(merged)
+    ids = torch.tensor([flex.tokenizer.encode("The capital of France is")])
+    for variant in ("w4a16", "w8a8"):
+        flex.use_variant(variant)
+        with torch.no_grad():
+            torch.testing.assert_close(flex.model(ids).logits, reference_model(singles[variant])(ids).logits,
+                                       rtol=1e-3, atol=1e-3)
+    report = flex.memory_report()
+    assert report.ratio_vs_bf16 < 1.0, report.as_dict()  # both variants resident, still below BF16
+    del flex
+
+    settings = Settings(data_dir=tmp_path)
+    db = open_db(settings.db_path)
+    handle = start_server(ServeConfig(checkpoint=merged, policy=PD, port=free_port(), cpu_threads=1),
+                          engine=db, settings=settings)
+    try:
+        handle.wait_healthy(300)
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        updates = list(stream_chat(handle.base_url, messages, max_tokens=24, temperature=0.0))
+        reply, stats = updates[-1].text, updates[-1].stats
+        assert "paris" in reply.lower() and stats.finish_reason == "stop", reply
+        handle.set_policy(fixed_policy("w4a16"))
+        again = list(stream_chat(handle.base_url, messages, max_tokens=24, temperature=0.0))[-1].text
+        assert "paris" in again.lower(), again
+        steps = wait_for(lambda: rows(db, StepRecord, handle.run_id))
+        assert all(s.variant == decide(PD, StepInfo(s.num_prefill_tokens, s.num_decode_reqs))
+                   for s in steps if s.policy_name == PD.name)
+    finally:
+        handle.stop()
+        db.dispose()

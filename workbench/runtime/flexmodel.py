@@ -183,6 +183,9 @@ class FlexModel:
             for variant, keys in by_variant.items():
                 tensors = _load(where, keys)
                 local = {k[len(prefix) + len(variant) + 2:]: t for k, t in tensors.items()}
+                # Dequantize in the compute dtype: int x bf16 scale rounded to bf16 would add an error
+                # of its own on top of quantization (and differ from compressed-tensors' own load).
+                local = {k: t.to(dtype) if k.endswith("_scale") else t for k, t in local.items()}
                 scheme, fmt = _scheme_for(prefix, old, qcfgs[variant], variant)
                 weight = BaseCompressor.get_value_from_registry(fmt).decompress(dict(local), scheme)["weight"]
                 acts = scheme.input_activations
