@@ -366,3 +366,60 @@ def test_quantize_wait_check_evaluate_end_to_end(data_dir: Path, tmp_path: Path)
     finally:
         worker.terminate()
         worker.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_serve_apply_bench_with_the_cpu_runtime(data_dir: Path, tmp_path: Path) -> None:
+    """`flexquant serve` as a real process (CPU runtime), driven by `policy apply` and `bench`,
+    stopped by Ctrl-C."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+    from sqlmodel import Session, select
+
+    from storage.models import Run
+    from tests.test_flexmodel import build_tiny_checkpoints
+
+    merged, _ = build_tiny_checkpoints(data_dir / "checkpoints")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXQUANT_")}
+    env.update(PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "workbench.cli", "--data-dir", str(data_dir), "serve", str(merged),
+           "--runtime", "cpu", "--port", str(port), "--timeout", "180"]
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert server.poll() is None, server.communicate()
+        cli(data_dir, "policy", "save", str(write_policy(tmp_path)))
+        r = cli(data_dir, "policy", "apply", "pd-test", "--url", url)
+        assert r.exit_code == 0 and "pd-test applied" in r.stdout, r.output
+        assert httpx.get(f"{url}/flexquant/policy", timeout=5).json()["policy"]["name"] == "pd-test"
+        out = tmp_path / "bench.csv"
+        r = cli(data_dir, "bench", "--url", url, "--requests", "2", "--max-tokens", "4",
+                "--prompt-words", "8", "--rate", "0", "--out", str(out))
+        assert r.exit_code == 0, r.output
+        lines = out.read_text().splitlines()
+        assert lines[0].startswith("policy,rate,requests,errors") and len(lines) == 2
+        assert lines[1].split(",")[2:4] == ["2", "0"]  # 2 requests, 0 errors
+    finally:
+        server.send_signal(signal.SIGINT)
+        stdout, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr
+    assert "serving" in stdout and "stopping" in stdout and "Traceback" not in stderr
+    engine = open_db(data_dir / "workbench.db")
+    with Session(engine) as session:
+        runs = session.exec(select(Run)).all()
+    assert len(runs) == 1 and runs[0].status == "ended"
+    engine.dispose()
