@@ -1,6 +1,6 @@
 """`JobContext`: the `Reporter` a job function receives, backed by its row in the queue.
 
-It runs inside the per-job child process (see `jobs/runner.py`). Progress and log lines are
+It lives inside the per-job child process (see `jobs/child.py`, `jobs/runner.py`). Progress and log lines are
 buffered and written at most every `flush_interval_s` (a job may report per batch, thousands of
 times) and always on a stage change; each write also reads back `cancel_requested`, which is what
 `check_cancelled()` acts on.
@@ -61,7 +61,7 @@ class JobContext(Reporter):
         self._raise_if_stopped()
 
     def log(self, line: str) -> None:
-        """Append a line to the job's log tail (and the worker's stderr)."""
+        """Append a line to the job's log tail (and the attempt's full log file)."""
         line = str(line)
         log.info("job %s: %s", self.job_id, line)
         self._lines.append(line)
@@ -85,12 +85,12 @@ class JobContext(Reporter):
         now = time.monotonic()
         if not force and now - self._last_flush < self.flush_interval_s:
             return
-        values, lines = dict(self._pending), list(self._lines)
-        self._pending.clear()
-        self._lines.clear()
-        self._last_flush = now
         self.writing = True
         try:
+            values, lines = dict(self._pending), list(self._lines)
+            self._pending.clear()
+            self._lines.clear()
+            self._last_flush = now
             row = update_running(self.engine, self.job_id, self.worker_id, values, lines)
         finally:
             self.writing = False

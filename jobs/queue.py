@@ -73,6 +73,8 @@ def submit(engine: Engine, kind: str, params: dict, *, title: str = "", priority
     params = dict(params or {})
     if job_kind.validate is not None:
         params = job_kind.validate(params, engine)
+        if not isinstance(params, dict):
+            raise TypeError(f"the validate hook of job kind {kind!r} must return the params dict")
     try:
         params_json = json.dumps(params)
     except (TypeError, ValueError) as exc:
@@ -88,9 +90,9 @@ def submit(engine: Engine, kind: str, params: dict, *, title: str = "", priority
     )
     with write_session(engine) as session:
         session.add(job)
-        session.commit()
-        session.refresh(job)
+        session.flush()  # assigns the id
         result = _detached(job)
+        session.commit()
     log.info("queued job %s (%s)", result.id, kind)
     return result
 

@@ -85,6 +85,7 @@ def _claim_until_empty(db_path: str, worker_id: str, out_path: str) -> None:
 
 def test_claim_race_between_processes_claims_each_job_once(db_engine, tmp_path):
     ids = {queue.submit(db_engine, "sleep", {}).id for _ in range(120)}
+    db_engine.dispose()  # an SQLite connection must not cross a fork
     ctx = multiprocessing.get_context("fork")
     procs = [
         ctx.Process(
