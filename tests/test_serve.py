@@ -321,3 +321,23 @@ def test_real_smollm2_checkpoint_matches_transformers_and_serves_a_chat(smollm2_
     finally:
         handle.stop()
         db.dispose()
+
+
+def test_vllm_step_lines_are_imported_as_step_records(db_engine, tmp_path):
+    """The vLLM plugin writes step telemetry as JSONL; the handle copies complete lines into the DB."""
+    from workbench.runtime.serve import _StepsImporter
+    from workbench.runtime.telemetry import TelemetryWriter, create_run
+
+    run_id = create_run(db_engine, runtime="vllm", checkpoint_path="/ck", policy_name="pd")
+    path = tmp_path / "steps.jsonl"
+    line = {"step": 0, "ts": 1.0, "duration_ms": 3.5, "num_prefill_tokens": 7, "num_decode_reqs": 0,
+            "variant": "w8a8", "policy_name": "pd", "cudagraph": False, "executed": ["w8a8"]}
+    second = dict(line, step=1, num_prefill_tokens=0, num_decode_reqs=2, variant="w4a16")
+    path.write_text(json.dumps(line) + "\nnot json\n" + json.dumps(second)[:20])  # last line half-written
+    importer = _StepsImporter(path, TelemetryWriter(db_engine, run_id))
+    importer._read_new()
+    with path.open("a") as f:
+        f.write(json.dumps(second)[20:] + "\n")
+    importer.stop()
+    steps = rows(db_engine, StepRecord, run_id)
+    assert [(s.step, s.variant, s.num_decode_reqs) for s in steps] == [(0, "w8a8", 0), (1, "w4a16", 2)]
