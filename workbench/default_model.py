@@ -78,12 +78,16 @@ def convert_default_model(out_dir: Path, reporter: Reporter | None = None) -> Pa
     """Dequantize the GGUF into a bf16 safetensors folder published atomically at `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     reporter = reporter or Reporter()
     gguf = find_gguf()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    # The reporter shows progress; transformers' own tqdm bars would interleave with it.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         reporter.update("convert", 2, "reading the tokenizer from the GGUF file (about half a minute)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -105,6 +109,8 @@ def convert_default_model(out_dir: Path, reporter: Reporter | None = None) -> Pa
             log.info("another process published %s first; keeping that copy", out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     reporter.update("convert", 100, f"default model ready at {out_dir}")
     return out_dir
 
