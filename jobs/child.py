@@ -1,13 +1,15 @@
-"""The per-job child process, seen from the worker: fork it, stop it, measure it.
+"""The per-job child process, seen from the worker: start it, stop it, measure it.
 
 Each attempt runs in its own process so the worker can always stop it (SIGTERM to its process
 group, SIGKILL after a grace period) even if the job never calls `check_cancelled()`, and so a
-crash or an out-of-memory kill takes down only that attempt. The child is forked, not exec'd: the
-job-kind modules (torch, transformers...) are already imported by the worker, and on a 2-core
-machine re-importing them for every job costs seconds. What runs inside is `jobs.runner`.
+crash or an out-of-memory kill takes down only that attempt. What runs inside is `jobs.runner`.
 
-Forking is safe here because the worker is single-threaded, never runs job code itself (so no
-torch thread pool or CUDA context exists), and closes its SQLite connections before each fork.
+Start methods: `fork` (default on Linux) reuses the job-kind modules the worker already imported
+(torch, transformers, llmcompressor: many seconds per job on a 2-core machine). It is safe because
+the worker is single-threaded in Python, never runs job code, and closes its SQLite connections
+before each fork. It is NOT safe once the CUDA driver is loaded in the worker (importing
+llmcompressor on a GPU machine probes the device): then `auto` picks `spawn`, a fresh interpreter
+(`python -m jobs.runner`) that re-imports the modules.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
 from jobs import runner
 
-__all__ = ["JobProcess", "fork_job_process", "stop_job_process", "tree_rss", "job_log_path", "last_lines"]
+__all__ = ["JobProcess", "start_job_process", "stop_job_process", "tree_rss", "job_log_path", "last_lines"]
+__all__ += ["START_METHODS", "resolve_start_method", "env_with_project_root"]
 
 log = logging.getLogger(__name__)
 
 EXIT_CRASHED = 70  # the child's own machinery failed (see the attempt's log file)
+START_METHODS = ("auto", "fork", "spawn")
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
 try:
     _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -52,11 +59,11 @@ class JobProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for the exit; `TimeoutError` if it is still running after `timeout` seconds."""
+        """Wait for the exit; `subprocess.TimeoutExpired` if it still runs after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job process {self.pid} still running after {timeout} s")
+                raise subprocess.TimeoutExpired(f"job process {self.pid}", timeout)
             time.sleep(0.02)
         return self.returncode
 
@@ -66,13 +73,71 @@ def job_log_path(data_dir: Path, job_id: int, attempt: int) -> Path:
     return Path(data_dir) / "logs" / "jobs" / f"job-{job_id}-attempt-{attempt}.log"
 
 
-def fork_job_process(
-    db_path: Path, data_dir: Path, job_id: int, worker_id: str, log_path: Path
-) -> JobProcess:
-    """Fork a child that runs the claimed job `job_id` in its own session (process group), dies
-    with the worker, and writes its stdout/stderr to `log_path`.
+def env_with_project_root() -> dict[str, str]:
+    """This environment with the project root first on PYTHONPATH (`python -m jobs...` must import
+    even where the project is not installed)."""
+    env = dict(os.environ)
+    paths = [str(_PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
 
-    The caller must hold no open SQLite connection (dispose its engine first)."""
+
+def _cuda_driver_loaded() -> bool:
+    # libcuda is dlopen'ed on the first CUDA call (even a device count); a forked child of a
+    # process that initialized the driver cannot use CUDA.
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libcuda.so" in maps.read()
+    except OSError:
+        return True  # cannot tell: be safe
+
+
+def resolve_start_method(requested: str) -> str:
+    """`fork` or `spawn` for `requested` in START_METHODS (`auto`: fork unless unsafe here)."""
+    if requested not in START_METHODS:
+        raise ValueError(f"unknown start method {requested!r}; use one of {', '.join(START_METHODS)}")
+    if requested != "auto":
+        return requested
+    return "fork" if sys.platform.startswith("linux") and not _cuda_driver_loaded() else "spawn"
+
+
+def _die_with_parent() -> None:
+    # The kernel SIGKILLs this process when the worker dies, however it dies (Linux).
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def start_job_process(
+    method: str,
+    db_path: Path,
+    data_dir: Path,
+    modules: Sequence[str],
+    job_id: int,
+    worker_id: str,
+    log_path: Path,
+) -> JobProcess | subprocess.Popen:
+    """Start the process for claimed job `job_id` (method `fork` or `spawn`) in its own session
+    (process group), dying with the worker, its stdout/stderr appended to `log_path`.
+
+    For `fork` the caller must hold no open SQLite connection (dispose its engine first)."""
+    if method == "fork":
+        return _fork(db_path, data_dir, job_id, worker_id, log_path)
+    cmd = [sys.executable, "-m", "jobs.runner", "--db", str(db_path), "--data-dir", str(data_dir)]
+    cmd += ["--modules", ",".join(modules), "--job-id", str(job_id), "--worker-id", worker_id]
+    cmd += ["--parent-pid", str(os.getpid())]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd,
+            env=env_with_project_root(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def _fork(db_path: Path, data_dir: Path, job_id: int, worker_id: str, log_path: Path) -> JobProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     parent_pid = os.getpid()
     sys.stdout.flush()
@@ -84,8 +149,7 @@ def fork_job_process(
         try:
             os.close(ready_r)
             os.setsid()
-            if _libc is not None:  # the kernel SIGKILLs us when the worker dies, however it dies
-                _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            _die_with_parent()
             os.close(ready_w)  # tells the worker our process group exists
             out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(out, 1)
@@ -104,7 +168,7 @@ def fork_job_process(
     return JobProcess(pid)
 
 
-def stop_job_process(child: JobProcess, grace_s: float) -> None:
+def stop_job_process(child: JobProcess | subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the job's process group, SIGKILL what is left after `grace_s`; returns once it exited."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
@@ -114,7 +178,7 @@ def stop_job_process(child: JobProcess, grace_s: float) -> None:
         try:
             child.wait(timeout=wait_s)
             break
-        except TimeoutError:
+        except subprocess.TimeoutExpired:
             log.warning("job process %s ignored %s for %.1f s", child.pid, sig.name, wait_s)
     try:
         os.killpg(child.pid, signal.SIGKILL)  # the job's own subprocesses, if any survived it

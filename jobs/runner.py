@@ -1,4 +1,7 @@
-"""What runs inside the per-job child process (forked by the worker, see `jobs/child.py`).
+"""What runs inside the per-job child process (started by the worker, see `jobs/child.py`).
+
+`child_main` is entered right after a fork; `python -m jobs.runner ...` is the same for a child
+started as a fresh interpreter (the `spawn` start method).
 
 The child builds the `JobContext`, turns the worker's SIGTERM into `Cancelled` inside the job
 function (even one that never checks), and writes progress, log lines and the `done`/`failed`
@@ -9,6 +12,7 @@ Exit codes: 0 done, 1 failed, 3 cancelled, 4 the job was not ours to run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -23,7 +27,7 @@ from pathlib import Path
 from jobs.context import JobContext
 from jobs.progress import Cancelled
 from jobs.queue import finish, get_job, remove_work_dir
-from jobs.registry import get_kind
+from jobs.registry import get_kind, import_kind_modules
 from storage.db import make_engine
 
 __all__ = ["EXIT_DONE", "EXIT_FAILED", "EXIT_CANCELLED", "EXIT_NOT_OURS", "run_attempt", "child_main"]
@@ -162,3 +166,21 @@ def child_main(db_path: Path, data_dir: Path, job_id: int, worker_id: str, paren
     log_format = f"%(asctime)s job-{job_id} %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=log_format, force=True)
     return run_attempt(db_path, data_dir, job_id, worker_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.runner`: a job process started as a fresh interpreter."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.runner", description=__doc__.split("\n")[0])
+    parser.add_argument("--db", required=True, type=Path)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--modules", default="", help="comma-separated modules that register job kinds")
+    parser.add_argument("--job-id", type=int, required=True)
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    import_kind_modules(args.modules.split(","))
+    return child_main(args.db, args.data_dir, args.job_id, args.worker_id, args.parent_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

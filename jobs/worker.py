@@ -7,7 +7,7 @@ While a child runs, the worker heartbeats the job row, samples the child's memor
 cancel. On start (and every `stale_after_s` while idle) it recovers jobs of dead workers. SIGTERM or
 SIGINT: the running attempt is stopped and marked `interrupted` (re-queued if its kind is
 `requeue_safe`), its work_dir removed, and the worker exits 0. `--once` exits when nothing is left
-to claim. Several workers may share one DB.
+to claim. `--start-method` (auto|fork|spawn): see `jobs/child.py`. Several workers may share one DB.
 """
 
 from __future__ import annotations
@@ -41,15 +41,6 @@ log = logging.getLogger("jobs.worker")
 DEFAULT_HEARTBEAT_S = 2.0
 DEFAULT_STALE_AFTER_S = 15.0
 DEFAULT_GRACE_S = 3.0
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env_with_project_root() -> dict[str, str]:
-    # `python -m jobs.worker` must import even where the project is not installed.
-    env = dict(os.environ)
-    paths = [str(_PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
 
 
 @dataclass
@@ -63,6 +54,7 @@ class Worker:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     grace_s: float = DEFAULT_GRACE_S  # between SIGTERM and SIGKILL of a job being stopped
+    start_method: str = "auto"  # how job processes start: see jobs/child.py
     stopping: bool = False
     engine: Engine = field(init=False)
 
@@ -105,8 +97,11 @@ class Worker:
         work_dir.mkdir(parents=True)
         log.info("job %s (%s) attempt %s starts in %s", job.id, job.kind, job.attempts, work_dir)
         log_path = job_process.job_log_path(self.data_dir, job.id, job.attempts)
-        self.engine.dispose()  # no SQLite connection may cross the fork (see jobs/child.py)
-        child = job_process.fork_job_process(self.db_path, self.data_dir, job.id, self.worker_id, log_path)
+        self.engine.dispose()  # no SQLite connection may cross a fork (see jobs/child.py)
+        method = job_process.resolve_start_method(self.start_method)
+        child = job_process.start_job_process(
+            method, self.db_path, self.data_dir, self.modules, job.id, self.worker_id, log_path
+        )
         peak_rss, stop_reason, last_beat = 0, None, time.monotonic()
         while child.poll() is None:
             peak_rss = max(peak_rss, job_process.tree_rss(child.pid))
@@ -178,6 +173,7 @@ def start_worker(
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
     grace_s: float = DEFAULT_GRACE_S,
+    start_method: str = "auto",
     log_path: Path | None = None,
 ) -> subprocess.Popen:
     """Start `python -m jobs.worker` as a subprocess (stderr to `log_path` if given, else inherited).
@@ -185,12 +181,15 @@ def start_worker(
     Stop it with `.terminate()` (clean: its running job is interrupted, work_dir removed) + `.wait()`."""
     cmd = [sys.executable, "-m", "jobs.worker", "--db", str(db_path), "--data-dir", str(data_dir)]
     cmd += ["--modules", ",".join(modules), "--poll", str(poll_s), "--heartbeat", str(heartbeat_s)]
-    cmd += ["--stale-after", str(stale_after_s), "--grace", str(grace_s)] + (["--once"] if once else [])
+    cmd += ["--stale-after", str(stale_after_s), "--grace", str(grace_s), "--start-method", start_method]
+    cmd += ["--once"] if once else []
     if log_path is None:
-        return subprocess.Popen(cmd, env=_env_with_project_root(), stdout=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=job_process.env_with_project_root(), stdout=subprocess.DEVNULL)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as stderr:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, env=_env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen(
+            cmd, env=job_process.env_with_project_root(), stdout=subprocess.DEVNULL, stderr=stderr
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grace", type=float, default=DEFAULT_GRACE_S, help="seconds from SIGTERM to SIGKILL"
     )
+    parser.add_argument(
+        "--start-method", choices=job_process.START_METHODS, default="auto", help="how job processes start"
+    )
     args = parser.parse_args(argv)
     log_format = "%(asctime)s worker %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=log_format)
@@ -214,7 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    worker = Worker(args.db, args.data_dir, modules, args.poll, args.heartbeat, args.stale_after, args.grace)
+    worker = Worker(
+        args.db,
+        args.data_dir,
+        modules,
+        args.poll,
+        args.heartbeat,
+        args.stale_after,
+        args.grace,
+        args.start_method,
+    )
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     worker.run(once=args.once)

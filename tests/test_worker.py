@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import tests.jobkinds_for_tests  # noqa: F401 - registers the test job kinds
-from jobs import queue
+from jobs import child, queue
 from jobs.worker import start_worker
 
 MODULES = ["tests.jobkinds_for_tests"]
@@ -55,7 +55,7 @@ def workers(tmp_path, db_engine):
     """Start workers on tmp_path/wb.db; every one still running is stopped at the end."""
     started = []
 
-    def start(once: bool = False):
+    def start(once: bool = False, start_method: str = "auto"):
         proc = start_worker(
             tmp_path / "wb.db",
             tmp_path,
@@ -65,6 +65,7 @@ def workers(tmp_path, db_engine):
             heartbeat_s=0.5,
             stale_after_s=15,
             grace_s=1.0,
+            start_method=start_method,
             log_path=tmp_path / f"worker-{len(started)}.log",
         )
         started.append(proc)
@@ -135,11 +136,13 @@ def test_progress_log_heartbeat_result_and_peak_rss_are_persisted(db_engine, wor
     assert first.status == "done" and json.loads(first.result_json)["ticks"] >= 2
 
 
-@pytest.mark.parametrize("kind", ["write_then_sleep", "stubborn"])
-def test_cancel_stops_a_running_job_that_never_checks(db_engine, workers, tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "start_method"), [("write_then_sleep", "fork"), ("stubborn", "fork"), ("stubborn", "spawn")]
+)
+def test_cancel_stops_a_running_job_that_never_checks(db_engine, workers, tmp_path, kind, start_method):
     pid_file = tmp_path / "job.pid"
     job = queue.submit(db_engine, kind, {"pid_file": str(pid_file), "seconds": 120})
-    workers()
+    workers(start_method=start_method)
     job_pid = pid_from(pid_file)
     work_dir = Path(queue.get_job(db_engine, job.id).work_dir)
     assert any(work_dir.iterdir())
@@ -200,10 +203,11 @@ def test_sigterm_interrupts_the_running_job_and_exits_cleanly(db_engine, workers
     assert not work_dir.exists() and not alive(job_pid)
 
 
-def test_sigkill_of_the_worker_is_recovered_by_the_next_worker(db_engine, workers, tmp_path):
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_sigkill_of_the_worker_is_recovered_by_the_next_worker(db_engine, workers, tmp_path, start_method):
     pid_file = tmp_path / "job.pid"
     crashed = queue.submit(db_engine, "write_then_sleep", {"pid_file": str(pid_file)})
-    worker = workers()
+    worker = workers(start_method=start_method)
     job_pid = pid_from(pid_file)
     work_dir = Path(queue.get_job(db_engine, crashed.id).work_dir)
     os.kill(worker.pid, signal.SIGKILL)
@@ -233,3 +237,13 @@ def test_requeue_safe_job_runs_again_after_a_worker_crash(db_engine, workers, tm
     assert (final.status, final.attempts) == ("done", 2)
     assert "re-queued" in final.log_tail
     assert not first_work_dir.exists()
+
+
+def test_start_method_choice(monkeypatch):
+    monkeypatch.setattr(child, "_cuda_driver_loaded", lambda: False)
+    assert child.resolve_start_method("auto") == "fork"
+    monkeypatch.setattr(child, "_cuda_driver_loaded", lambda: True)  # fork would poison CUDA in the job
+    assert child.resolve_start_method("auto") == "spawn"
+    assert child.resolve_start_method("fork") == "fork"
+    with pytest.raises(ValueError, match="auto, fork, spawn"):
+        child.resolve_start_method("forkserver")
