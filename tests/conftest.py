@@ -34,6 +34,7 @@ def default_model_dir() -> Path:
     import hashlib
     import importlib.metadata
     import os
+    import shutil
 
     from workbench import default_model
 
@@ -43,4 +44,7 @@ def default_model_dir() -> Path:
     folder = root / key
     if not (folder / "config.json").is_file():
         default_model.convert_default_model(folder)  # publishes atomically: parallel sessions are safe
+        for stale in root.glob("smollm2-*"):  # conversions by older converter code (270 MB each)
+            if stale != folder and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
     return folder
