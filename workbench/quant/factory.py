@@ -43,16 +43,39 @@ log = logging.getLogger(__name__)
 
 # Share of the job's 0..100 progress per stage (GPTQ dominates; merge and check are I/O).
 LOAD_END, CALIB_END, SMOOTH_END, QUANT_END = 4.0, 6.0, 18.0, 90.0
+STORAGE_DTYPE = torch.bfloat16
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _load(model_dir: Path):
+def compute_dtype() -> torch.dtype:
+    """Calibration/GPTQ arithmetic dtype: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls without
+    native bf16 instructions (AVX2) run ~6x slower than fp32. Checkpoints are stored in bf16 either way."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def _load(model_dir: Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or compute_dtype())
+
+
+def _cast_for_storage(model: torch.nn.Module, dtype: torch.dtype = STORAGE_DTYPE) -> None:
+    """Cast everything but the quantized weights to the storage dtype before compressing.
+
+    The quantized `weight` stays in the compute dtype: compression computes round(w / scale), and
+    with w = q * scale_fp32 and a bf16-rounded scale (relative error <= 2^-9) that still rounds back
+    to exactly the integers GPTQ chose (|q| * 2^-9 < 0.5 for |q| <= 127), so only the scales carry
+    bf16 rounding, as they would had the whole run been in bf16.
+    """
+    for module in model.modules():
+        quantized = hasattr(module, "quantization_scheme")
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and not (quantized and name == "weight"):
+                param.data = param.data.to(dtype)
+    model.config.dtype = dtype
 
 
 def quantized_in_features(model: torch.nn.Module) -> list[int]:
@@ -117,7 +140,7 @@ class _LayerProgress:
             h.remove()
 
 
-def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe) -> None:
+def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe, **extra) -> None:
     from llmcompressor import oneshot
 
     kwargs = {}
@@ -126,13 +149,18 @@ def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe) -> None:
             dataset=data,
             num_calibration_samples=len(data),
             max_seq_length=recipe.seq_len,
-            shuffle_calibration_samples=False,
+            shuffle_calibration_samples=False,  # same samples, same order: reproducible variants
+            **extra,
         )
     oneshot(model=model, processor=tokenizer, recipe=[modifier], **kwargs)
 
 
 def smooth_model(source_dir: Path, out_dir: Path, recipe: QuantRecipe, data, tokenizer, reporter) -> Path:
-    """Apply SmoothQuant once to the bf16 model and save the smoothed weights (bf16) to `out_dir`."""
+    """Apply SmoothQuant once to the model and save the smoothed weights (bf16) to `out_dir`.
+
+    Smoothing leaves every layer's output unchanged, so the pipeline's second (error-propagating)
+    pass per layer would only repeat the first: `propagate_error=False` halves the cost.
+    """
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
     model = _load(source_dir)
@@ -144,9 +172,13 @@ def smooth_model(source_dir: Path, out_dir: Path, recipe: QuantRecipe, data, tok
             SmoothQuantModifier(smoothing_strength=recipe.smoothquant_strength),
             data,
             recipe,
+            propagate_error=False,
         )
     finally:
         progress.remove()
+    # Round to bf16 once, here: every variant then starts from the same stored smoothed weights.
+    model.to(STORAGE_DTYPE)
+    model.config.dtype = STORAGE_DTYPE
     model.save_pretrained(str(out_dir), save_compressed=False)
     # llmcompressor 0.14 writes a recipe.yaml it cannot parse back (python/tuple tags); the recipe is
     # in our manifest, and a stale one would break the next save_pretrained that merges recipes.
@@ -188,6 +220,7 @@ def quantize_variant(
             progress.remove()
     if reporter:
         reporter.update(f"save {variant}", lo + (hi - lo) * 0.9, f"writing {variant} (compressed-tensors)")
+    _cast_for_storage(model)
     model.save_pretrained(str(out_dir), save_compressed=True)
     (Path(out_dir) / "recipe.yaml").unlink(missing_ok=True)
     del model

@@ -25,8 +25,13 @@ __all__ = [
     "variant_scheme",
     "variant_quant_config",
     "configs_equivalent",
+    "expected_layout",
+    "linear_shapes",
 ]
 
+SCALE_DTYPES = {"BF16", "F16", "F32"}
+# Module layout of the decoder families we write and read (all Llama-like).
+LLAMA_LIKE = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 # lm_head stays in bf16: it is small next to the body and very sensitive to quantization.
 IGNORED_MODULES = ("lm_head",)
 MIN_GROUP_SIZE = 16
@@ -166,3 +171,48 @@ def configs_equivalent(a: dict, b: dict) -> bool:
     """Two variant configs describe the same quantization (ignoring the writer's version string)."""
     strip = lambda c: {k: v for k, v in c.items() if k != "version"}  # noqa: E731
     return strip(a) == strip(b)
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """`[out, in]` of each quantized linear of one decoder layer, by name; {} for unknown families."""
+    if not set(config.get("architectures") or []) & LLAMA_LIKE:
+        return {}
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    ffn = config["intermediate_size"]
+    return {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv * head_dim, hidden),
+        "self_attn.v_proj": (kv * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (ffn, hidden),
+        "mlp.up_proj": (ffn, hidden),
+        "mlp.down_proj": (hidden, ffn),
+    }
+
+
+def expected_layout(variant_config: dict, out_f: int, in_f: int) -> dict[str, tuple[set[str], list[int]]]:
+    """Tensor name -> (allowed dtypes, shape) of one linear stored in a variant's format."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig.model_validate(variant_config)
+    scheme = next(iter(qc.config_groups.values()))
+    w = scheme.weights
+    form = scheme.format or qc.format
+    strategy = str(getattr(w.strategy, "value", w.strategy))
+    groups = -(-in_f // w.group_size) if strategy == "group" else 1
+    scale_shape = [1] if strategy == "tensor" else [out_f, groups]
+    layout: dict[str, tuple[set[str], list[int]]] = {"weight_scale": (SCALE_DTYPES, scale_shape)}
+    if form == "pack-quantized":
+        layout["weight_packed"] = ({"I32"}, [out_f, -(-in_f * w.num_bits // 32)])
+        layout["weight_shape"] = ({"I64", "I32"}, [2])
+    elif form == "int-quantized":
+        layout["weight"] = ({"I8"}, [out_f, in_f])
+    elif form == "float-quantized":
+        layout["weight"] = ({"F8_E4M3"}, [out_f, in_f])
+    else:
+        raise ValueError(f"compressed-tensors format {form!r} is not one the checker knows")
+    if not w.symmetric:
+        layout["weight_zero_point"] = ({"I8", "I32", "BF16", "F16", "F32"}, None)  # type: ignore[assignment]
+    return layout

@@ -28,7 +28,13 @@ from workbench.quant.ckpt_io import (
     write_manifest,
 )
 from workbench.quant.merge import flexquant_config, validate_or_raise
-from workbench.quant.recipe import VARIANT_SPECS, choose_group_size, variant_quant_config, variant_scheme
+from workbench.quant.recipe import (
+    VARIANT_SPECS,
+    choose_group_size,
+    linear_shapes,
+    variant_quant_config,
+    variant_scheme,
+)
 
 __all__ = [
     "SHAPES",
@@ -85,19 +91,6 @@ class ShapeSpec:
         if self.architecture == "Qwen2ForCausalLM":
             return Qwen2Config(**common)
         return LlamaConfig(**common, attention_bias=self.qkv_bias)
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of each quantized linear in one decoder layer."""
-        head_dim = self.hidden // self.heads
-        return {
-            "self_attn.q_proj": (self.heads * head_dim, self.hidden),
-            "self_attn.k_proj": (self.kv_heads * head_dim, self.hidden),
-            "self_attn.v_proj": (self.kv_heads * head_dim, self.hidden),
-            "self_attn.o_proj": (self.hidden, self.heads * head_dim),
-            "mlp.gate_proj": (self.ffn, self.hidden),
-            "mlp.up_proj": (self.ffn, self.hidden),
-            "mlp.down_proj": (self.hidden, self.ffn),
-        }
 
 
 SHAPES: dict[str, ShapeSpec] = {
@@ -177,11 +170,11 @@ def make_synthetic_checkpoint(
     if layout == "single" and len(variants) != 1:
         raise ValueError(f"layout 'single' holds exactly one variant, got {variants}")
     spec = SHAPES[shapes]
-    linears = spec.linears()
+    hf_config = spec.hf_config()
+    linears = linear_shapes(hf_config)
     group = choose_group_size(w4a16_group_size, [i for _, i in linears.values()])
     group_sizes = {v: (group if VARIANT_SPECS[v].grouped else None) for v in variants}
     configs = {v: variant_quant_config(v, group_sizes[v]) for v in variants}
-    hf_config = spec.hf_config()
     hf_config["quantization_config"] = (
         flexquant_config(configs) if layout == "merged" else configs[variants[0]]
     )
