@@ -23,7 +23,7 @@ from workbench.quant.ckpt_io import read_safetensors_header, tensor_index, write
 from workbench.quant.export import export_variant
 from workbench.quant.merge import default_policy_for, merge_variants
 from workbench.quant.recipe import choose_group_size, parse_recipe, variant_quant_config
-from workbench.quant.synthetic import make_synthetic_checkpoint, write_tiny_tokenizer
+from workbench.quant.synthetic import SHAPES, ShapeSpec, make_synthetic_checkpoint, write_tiny_tokenizer
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -240,3 +240,24 @@ def test_default_policy_adapts_to_variants():
     assert policy_from_dict(default_policy_for(["w8a8"])).variants == {"w8a8"}
     fp8_policy = policy_from_dict(default_policy_for(["fp8", "w4a16"]))
     assert fp8_policy.prefill == "fp8" and fp8_policy.decode[0].variant == "w4a16"
+
+
+def test_qwen2_layout_keeps_qkv_bias_shared_and_loads(monkeypatch, tmp_path, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setitem(
+        SHAPES, "tiny-qwen2", ShapeSpec("Qwen2ForCausalLM", 64, 128, 2, 4, 2, 256, qkv_bias=True)
+    )
+    ckpt = make_synthetic_checkpoint(tmp_path / "q", shapes="tiny-qwen2", tokenizer_dir=tokenizer_dir)
+    assert check_checkpoint(ckpt).ok
+    tensors = _all_tensors(ckpt)
+    assert tensors[f"{Q}.bias"].shape == (64,) and not any(k.endswith(".w8a8.bias") for k in tensors)
+    exported = export_variant(ckpt, "w4a16", tmp_path / "w4")
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.bias.detach(), tensors[f"{Q}.bias"])
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+    tensors.pop("model.layers.1.self_attn.v_proj.bias")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    assert "shared tensor model.layers.1.self_attn.v_proj.bias is missing" in check_checkpoint(ckpt).problems

@@ -294,15 +294,20 @@ def _infer_out_in(have: dict[str, str], entries: dict) -> tuple[int, int] | None
 
 
 def _check_shared(config: dict, shared: set[str], entries: dict, report: CheckReport) -> None:
-    if not linear_shapes(config):
+    shapes = linear_shapes(config)
+    if not shapes:
         return
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     want = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
     if not config.get("tie_word_embeddings", False):
         want["lm_head.weight"] = [vocab, hidden]
+    # Qwen2 always has q/k/v biases; Llama only with attention_bias. They stay unquantized (shared).
+    qkv_bias = "Qwen2ForCausalLM" in (config.get("architectures") or []) or config.get("attention_bias")
     for i in range(config.get("num_hidden_layers") or 0):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             want[f"model.layers.{i}.{norm}.weight"] = [hidden]
+        for proj in ("q_proj", "k_proj", "v_proj") if qkv_bias else ():
+            want[f"model.layers.{i}.self_attn.{proj}.bias"] = [shapes[f"self_attn.{proj}"][0]]
     for key, shape in want.items():
         if key not in shared:
             report.add(f"shared tensor {key} is missing")
