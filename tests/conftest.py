@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from storage.db import open_db  # noqa: E402
 
 
 @pytest.fixture
 def db_engine(tmp_path: Path):
     """A fresh workbench DB at tmp_path/'wb.db' (tables created)."""
+    from storage.db import open_db  # here, not at the top: the GPU machine's env has no SQLAlchemy
+
     engine = open_db(tmp_path / "wb.db")
     yield engine
     engine.dispose()
