@@ -172,13 +172,15 @@ def accuracy_figure(evals: pd.DataFrame) -> go.Figure:
                                                          "token agreement with BF16 (higher is better)"))
     colors = [variant_color(t) for t in evals["target"]]
     fig.add_trace(go.Bar(x=evals["target"], y=evals["perplexity"], marker_color=colors, name="perplexity",
-                         text=evals["perplexity"].round(2), textposition="outside"), row=1, col=1)
+                         text=evals["perplexity"].round(2), textposition="outside", cliponaxis=False), row=1, col=1)
     agreement = evals["token_agreement"].astype(float)
     fig.add_trace(go.Bar(x=evals["target"], y=agreement, marker_color=colors, name="token agreement",
-                         text=agreement.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"), textposition="outside"),
+                         text=agreement.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"), textposition="outside",
+                         cliponaxis=False),
                   row=1, col=2)
     fig.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
-    fig.update_layout(title=title, showlegend=False, **LAYOUT)
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
+    fig.update_layout(title=title, showlegend=False, **{**LAYOUT, "margin": dict(l=50, r=20, t=80, b=40)})
     return fig
 
 
@@ -188,7 +190,7 @@ def policy_figure(policy: Policy, *, num_layers: int | None = None, max_batch: i
     bounds = [r.max_batch for r in policy.decode if r.max_batch is not None]
     x_max = max_batch or max(32, 2 * (bounds[-1] if bounds else 16))
     rows = 2 if num_layers else 1
-    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.25,
+    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.35,
                         subplot_titles=("variant by step kind and decode batch size",
                                         "per-layer overrides")[:rows])
     seen: set[str] = set()
@@ -218,9 +220,10 @@ def policy_figure(policy: Policy, *, num_layers: int | None = None, max_batch: i
             fig.add_trace(go.Bar(y=["layers"] * len(free), x=[1] * len(free), base=[i - 0.5 for i in free],
                                  orientation="h", name="follow step policy", marker_color="#e5e5e5",
                                  hovertemplate="layer %{base}<extra>follows the step policy</extra>"), row=2, col=1)
-        fig.update_xaxes(title="layer", range=[-0.5, num_layers - 0.5], row=2, col=1)
+        fig.update_xaxes(title="layer", range=[-0.5, num_layers - 0.5], row=2, col=1,
+                         dtick=max(1, num_layers // 16))  # whole layers only
     fig.update_layout(title=f"Policy {policy.name}", barmode="overlay",
-                      **{**LAYOUT, "height": 260 if rows == 1 else 380})
+                      **{**LAYOUT, "height": 260 if rows == 1 else 420})
     return fig
 
 

@@ -76,11 +76,12 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
     gr.Markdown("### Benchmark policies on one workload")
     with gr.Row():
         chosen = gr.CheckboxGroup(names, value=names[:2], label="Policies (2 or more)", elem_id="fq-cmp-policies")
-        rates = gr.Textbox("0, 2", label="Loads (requests/s, comma-separated; 0 = back to back)")
+        rates = gr.Textbox("0, 2", label="Loads (requests/s, comma-separated; 0 = back to back)",
+                           elem_id="fq-cmp-rates")
     with gr.Row():
-        count = gr.Number(4, precision=0, minimum=1, maximum=1000, label="Requests per run")
-        words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)")
-        tokens = gr.Number(8, precision=0, minimum=1, maximum=4096, label="Output length (tokens)")
+        count = gr.Number(4, precision=0, minimum=1, maximum=1000, label="Requests per run", elem_id="fq-cmp-count")
+        words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)", elem_id="fq-cmp-words")
+        tokens = gr.Number(8, precision=0, minimum=1, maximum=4096, label="Output length (tokens)", elem_id="fq-cmp-tokens")
         conc = gr.Number(4, precision=0, minimum=1, maximum=256, label="Concurrency")
         limit = gr.Number(120, minimum=1, maximum=3600, label="Time limit per run (s)")
     run_btn = gr.Button("Run comparison", variant="primary", elem_id="fq-cmp-run")
@@ -109,7 +110,7 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
         top = bench["top_error"].dropna()
         if len(top):
             text += f"\n\nMost frequent error: {top.iloc[0]}"
-        return text, plots.compare_figure(bench), bench.reindex(columns=SUMMARY_COLUMNS)
+        return text, plots.compare_figure(bench), bench.reindex(columns=SUMMARY_COLUMNS).round(1)
 
     run_btn.click(run, [chosen, rates, count, words, tokens, conc, limit], [verdict, figure, table])
 

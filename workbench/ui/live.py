@@ -65,11 +65,14 @@ def build_live_tab(ctx: UIContext) -> TabHook:
 
     with gr.Accordion("Load generator (drives the running server)", open=True):
         with gr.Row():
-            rate = gr.Number(2.0, minimum=0, label="Rate (requests/s, 0 = as fast as concurrency allows)")
-            prompt_words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)")
-            max_tokens = gr.Number(16, precision=0, minimum=1, maximum=4096, label="Output length (tokens)")
+            rate = gr.Number(2.0, minimum=0, label="Rate (requests/s, 0 = as fast as concurrency allows)",
+                             elem_id="fq-load-rate")
+            prompt_words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)",
+                                     elem_id="fq-load-words")
+            max_tokens = gr.Number(16, precision=0, minimum=1, maximum=4096, label="Output length (tokens)",
+                                   elem_id="fq-load-tokens")
             concurrency = gr.Number(4, precision=0, minimum=1, maximum=256, label="Concurrency")
-            count = gr.Number(20, precision=0, minimum=1, maximum=10000, label="Requests")
+            count = gr.Number(20, precision=0, minimum=1, maximum=10000, label="Requests", elem_id="fq-load-count")
             duration = gr.Number(30, minimum=1, maximum=3600, label="Duration limit (s)")
         with gr.Row():
             go_btn = gr.Button("Start load", variant="primary", elem_id="fq-load-start")

@@ -44,6 +44,10 @@ def checkpoint_choices(ctx: UIContext, *, kind: str | None = "merged") -> list[t
     return [(f"{r.name}  [{r.variants}]", int(r.id)) for r in df.iloc[::-1].itertuples()]
 
 
+def _rounded(evals: pd.DataFrame) -> pd.DataFrame:
+    return evals.round({"perplexity": 3, "token_agreement": 4, "top1_accuracy": 4, "ppl_vs_bf16_pct": 2})
+
+
 def _signature(ctx: UIContext) -> str:
     return f"{model_choices(ctx)}|{checkpoint_choices(ctx, kind=None)}"
 
@@ -68,11 +72,12 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
     gr.Markdown("### Models")
     models_df = gr.Dataframe(views.models_frame(ctx.engine), interactive=False, label="Source models", max_height=220)
     with gr.Row():
-        new_name = gr.Textbox(label="Model name", placeholder="my-llama", scale=1)
-        new_path = gr.Textbox(label="Model folder (HF format, inside the data dir or an allowed root)", scale=3)
-        add_btn = gr.Button("Add model", scale=1)
+        new_name = gr.Textbox(label="Model name", placeholder="my-llama", scale=1, elem_id="fq-model-name")
+        new_path = gr.Textbox(label="Model folder (HF format, inside the data dir or an allowed root)", scale=3,
+                              elem_id="fq-model-path")
+        add_btn = gr.Button("Add model", scale=1, elem_id="fq-model-add")
     default_btn = gr.Button(f"Add the embedded default model ({DEFAULT_MODEL_NAME})", variant="secondary")
-    model_status = gr.Markdown()
+    model_status = gr.Markdown(elem_id="fq-model-status")
 
     gr.Markdown("### Quantize and merge")
     with gr.Row():
@@ -87,8 +92,8 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         calib_file = gr.File(label="Calibration text (.txt one doc per line, or .jsonl)", file_types=[".txt", ".jsonl"],
                              type="filepath", height=140)
         calib_path = gr.Textbox(label="…or a calibration file path (empty = built-in Lee corpus)")
-        samples = gr.Number(value=32, precision=0, minimum=1, maximum=4096, label="Calibration samples")
-        seq_len = gr.Number(value=256, precision=0, minimum=16, maximum=8192, label="Sequence length")
+        samples = gr.Number(value=32, precision=0, minimum=1, maximum=4096, label="Calibration samples", elem_id="fq-samples")
+        seq_len = gr.Number(value=256, precision=0, minimum=16, maximum=8192, label="Sequence length", elem_id="fq-seq-len")
     submit_btn = gr.Button("Submit quantize job", variant="primary", elem_id="fq-submit")
     submit_status = gr.Markdown(elem_id="fq-submit-status")
 
@@ -108,7 +113,12 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
     with gr.Row():
         variants_df = gr.Dataframe(pd.DataFrame(columns=["name", "scheme", "group_size", "weight_mb"]),
                                    label="Variants", interactive=False)
-        manifest = gr.JSON(label="Manifest", open=False)
+        manifest = gr.JSON(label="Manifest", open=False, max_height=320)
+    with gr.Row():
+        eval_docs = gr.Number(20, precision=0, minimum=1, maximum=1000, label="Eval documents (held-out Lee corpus)")
+        eval_seq = gr.Number(256, precision=0, minimum=16, maximum=4096, label="Eval sequence length")
+        eval_btn = gr.Button("Evaluate accuracy (queues a job)", elem_id="fq-eval")
+    eval_status = gr.Markdown(elem_id="fq-eval-status")
     evals_df = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS), label="Accuracy vs BF16 (perplexity, top-1 "
                             "agreement)", interactive=False, elem_id="fq-evals")
     evals_plot = gr.Plot(plots.accuracy_figure(pd.DataFrame()), label="Accuracy")
@@ -131,7 +141,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
             row = add_model(ctx.engine, name=name.strip(), path=Path(path.strip()), settings=ctx.settings)
         except Exception as exc:
             raise user_error(exc) from None
-        return f"Added **{row.name}**: {row.architecture}, {row.num_layers} layers, {row.num_params / 1e6:.0f}M params."
+        return f"Added **{row.name}**: {row.architecture}, {row.num_layers} layers, {row.num_params / 1e6:.2f}M params."
 
     add_btn.click(on_add, [new_name, new_path], model_status)
 
@@ -185,6 +195,32 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         evals = views.eval_frame(ctx.engine, int(checkpoint_id))
         manifest_data = views.checkpoint_manifest(ctx.engine, int(checkpoint_id))
         return (views.variants_frame(ctx.engine, int(checkpoint_id)), json.loads(json.dumps(manifest_data)),
-                evals, plots.accuracy_figure(evals))
+                _rounded(evals), plots.accuracy_figure(evals))
 
     ckpt_pick.change(on_open, ckpt_pick, [variants_df, manifest, evals_df, evals_plot])
+
+    def on_evaluate(checkpoint_id, docs, seq):
+        try:
+            if checkpoint_id is None:
+                raise ValueError("open a checkpoint first")
+            name = views.checkpoint_info(ctx.engine, int(checkpoint_id)).name
+            # "default": the checkpoint's own policy, next to BF16 and every variant alone.
+            job = queue.submit(ctx.engine, "evaluate", {"checkpoint": name, "policies": ["default"],
+                                                        "max_docs": int(docs), "seq_len": int(seq)},
+                               title=f"evaluate {name}")
+        except Exception as exc:
+            raise user_error(exc) from None
+        return f"Queued evaluation job **#{job.id}**; reopen the checkpoint when it is done.", job.id
+
+    eval_btn.click(on_evaluate, [ckpt_pick, eval_docs, eval_seq], [eval_status, job_id])
+
+    def reopen_when_done(checkpoint_id, last_done: int):
+        # An evaluation that finished refreshes the accuracy report of the open checkpoint.
+        done = sum(1 for j in queue.list_jobs(ctx.engine, status="done", limit=1000) if j.kind == "evaluate")
+        if done == last_done or checkpoint_id is None:
+            return gr.skip(), gr.skip(), done
+        evals = views.eval_frame(ctx.engine, int(checkpoint_id))
+        return _rounded(evals), plots.accuracy_figure(evals), done
+
+    evals_seen = gr.State(-1)
+    timer.tick(reopen_when_done, [ckpt_pick, evals_seen], [evals_df, evals_plot, evals_seen], show_progress="hidden")

@@ -136,7 +136,10 @@ def build_policy_tab(ctx: UIContext) -> TabHook:
         return (message, *policy_to_form(policy), figure(policy, info))
 
     form_outputs = [name, prefill, decode, layers]
-    yaml_box.input(from_yaml, [yaml_box, ckpt], [verdict, *form_outputs, picture], show_progress="hidden")
+    # As-you-type validation: one at a time and only the latest text, so a stale result of an
+    # earlier keystroke can never overwrite the verdict on the current text.
+    live = dict(show_progress="hidden", trigger_mode="always_last", concurrency_limit=1)
+    yaml_box.input(from_yaml, [yaml_box, ckpt], [verdict, *form_outputs, picture], **live)
 
     def from_form(form_name, form_prefill, form_decode, form_layers, checkpoint_id):
         info = info_for(checkpoint_id)
@@ -149,7 +152,7 @@ def build_policy_tab(ctx: UIContext) -> TabHook:
         return message, text, figure(policy, info)
 
     for widget in form_outputs:
-        widget.input(from_form, [*form_outputs, ckpt], [verdict, yaml_box, picture], show_progress="hidden")
+        widget.input(from_form, [*form_outputs, ckpt], [verdict, yaml_box, picture], **live)
 
     def on_checkpoint(checkpoint_id, text):
         info = info_for(checkpoint_id)

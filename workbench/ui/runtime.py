@@ -91,18 +91,18 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
         ckpt = gr.Dropdown(choices, value=first, label="Checkpoint (merged)", elem_id="fq-rt-ckpt", scale=2)
         names, chosen = _policy_choices(ctx, first)
         policy = gr.Dropdown(names, value=chosen, label="Policy", elem_id="fq-rt-policy", scale=2)
-        runtime = gr.Radio(["auto", "cpu", "vllm"], value="auto", label="Runtime", scale=1)
+        runtime = gr.Radio(["auto", "cpu", "vllm"], value="auto", label="Runtime", scale=1, elem_id="fq-rt-kind")
     with gr.Row():
-        port = gr.Number(value=8000, precision=0, minimum=1024, maximum=65535, label="Port")
+        port = gr.Number(value=8000, precision=0, minimum=1024, maximum=65535, label="Port", elem_id="fq-rt-port")
         gpu_mem = gr.Slider(0.1, 0.98, value=0.85, step=0.01, label="GPU memory fraction (vLLM)")
         tp = gr.Number(value=1, precision=0, minimum=1, maximum=8, label="Tensor-parallel size (vLLM)")
     with gr.Row():
         start_btn = gr.Button("Start", variant="primary", elem_id="fq-rt-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="fq-rt-stop")
-        refresh_btn = gr.Button("Refresh lists")
+        refresh_btn = gr.Button("Refresh lists", elem_id="fq-rt-refresh")
     status = gr.Markdown(status_markdown(ctx), elem_id="fq-rt-status")
     memory = gr.Dataframe(_memory(ctx), label="Resident weight memory per variant (GET /flexquant/stats)",
-                          interactive=False)
+                          interactive=False, elem_id="fq-rt-memory")
     logs = gr.Textbox(label="Server log (tail)", lines=12, max_lines=12, autoscroll=True, interactive=False)
 
     ckpt.change(lambda c: _policy_update(ctx, c), ckpt, policy)
