@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from uihelpers import CHROMIUM, CHROMIUM_ARGS, free_port
+from uihelpers import CHROMIUM, CHROMIUM_ARGS, REAL_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHATML = (
@@ -64,7 +64,8 @@ def app(tmp_path_factory) -> App:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
     data_dir = tmp_path_factory.mktemp("appdata")
-    write_tiny_model(data_dir / "models" / "tiny-base")
+    if not REAL_MODEL:
+        write_tiny_model(data_dir / "models" / "tiny-base")
     port = free_port()
     log_path = data_dir / "app.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -2,7 +2,9 @@
 
 The tests run in file order and build on each other, as a user would: quantize a model, serve the
 checkpoint, chat with it, change its policy live, compare policies. Each flow saves a screenshot of
-its tab (into FLEXQUANT_SCREENSHOT_DIR when set, e.g. docs/screenshots).
+its tab (into FLEXQUANT_SCREENSHOT_DIR when set, e.g. docs/screenshots). By default the model is a
+tiny random Llama (about 3 minutes in all); FLEXQUANT_UI_REAL_MODEL=1 runs the same flows on the
+embedded SmolLM2-135M-Instruct instead (the documentation screenshots; about 15 minutes).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from uihelpers import choose, free_port, shot
+from uihelpers import REAL_MODEL, choose, free_port, shot
 
 pytestmark = pytest.mark.browser
 
@@ -51,15 +53,22 @@ def run_load(page, count: int, *, words: int = 8, tokens: int = 8) -> None:
 
 
 def test_add_model_quantize_and_evaluate(page, app):
-    page.locator("#fq-model-name input, #fq-model-name textarea").first.fill("tiny-base")
-    page.locator("#fq-model-path input, #fq-model-path textarea").first.fill(str(app.data_dir / "models" / "tiny-base"))
-    page.locator("#fq-model-add").click()
-    expect(page.locator("#fq-model-status")).to_contain_text("Added tiny-base")
+    if REAL_MODEL:
+        model = "smollm2-135m-instruct"
+        page.locator("#fq-default-model").click()  # converts the embedded GGUF once (~1 min)
+        expect(page.locator("#fq-model-status")).to_contain_text(f"Default model {model} is registered",
+                                                                  timeout=JOB_TIMEOUT_MS)
+    else:
+        model = "tiny-base"
+        page.locator("#fq-model-name input, #fq-model-name textarea").first.fill(model)
+        page.locator("#fq-model-path input, #fq-model-path textarea").first.fill(str(app.data_dir / "models" / model))
+        page.locator("#fq-model-add").click()
+        expect(page.locator("#fq-model-status")).to_contain_text(f"Added {model}")
 
-    choose(page, "fq-src-model", "tiny-base")  # the list refreshed itself from the DB
+    choose(page, "fq-src-model", model)  # the list refreshed itself from the DB
     page.locator("#fq-ckpt-name input, #fq-ckpt-name textarea").first.fill("tiny-flex")
-    fill_number(page, "fq-samples", 8)
-    fill_number(page, "fq-seq-len", 64)
+    fill_number(page, "fq-samples", 16 if REAL_MODEL else 8)
+    fill_number(page, "fq-seq-len", 128 if REAL_MODEL else 64)
     page.locator("#fq-submit").click()
     expect(page.locator("#fq-submit-status")).to_contain_text("Queued job #1")
     expect(page.locator("#fq-jobs tr[data-job-id='1'] .fq-bar")).to_be_visible()
@@ -67,6 +76,8 @@ def test_add_model_quantize_and_evaluate(page, app):
 
     choose(page, "fq-open-ckpt", "tiny-flex")
     expect(page.get_by_text("w4a16").first).to_be_visible()
+    fill_number(page, "fq-eval-docs", 4)  # a policy target decodes token by token: keep it short
+    fill_number(page, "fq-eval-seq", 128)
     page.locator("#fq-eval").click()
     expect(page.locator("#fq-eval-status")).to_contain_text("Queued evaluation job #2")
     wait_job_done(page, app, 2)
@@ -74,6 +85,8 @@ def test_add_model_quantize_and_evaluate(page, app):
     for target in ("bf16", "all-w8a8", "all-w4a16"):
         expect(evals).to_contain_text(target, timeout=15_000)
     shot(app, page, "models_jobs")
+    page.locator("#fq-jobs").scroll_into_view_if_needed()
+    page.screenshot(path=str(app.shots / "models_jobs_queue.png"))
 
 
 def test_start_runtime_and_chat(page, app):
@@ -86,6 +99,9 @@ def test_start_runtime_and_chat(page, app):
     expect(page.locator("#fq-rt-status")).to_contain_text("Running", timeout=180_000)
     expect(page.locator("#fq-rt-status")).to_contain_text("CPU reference runtime")
     expect(page.locator("#fq-rt-memory")).to_contain_text("w4a16", timeout=15_000)
+    page.locator("#fq-rt-start").click()  # a second server is refused, plainly
+    expect(page.locator("#fq-rt-status")).to_contain_text("Could not start: a runtime is already running")
+    expect(page.locator("#fq-rt-status")).to_contain_text("Running", timeout=10_000)  # the poll restores it
     shot(app, page, "runtime")
 
     open_tab(page, "Chat")

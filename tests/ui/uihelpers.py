@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
+# Run the flows on the embedded SmolLM2 instead of a tiny random model (documentation screenshots).
+REAL_MODEL = os.environ.get("FLEXQUANT_UI_REAL_MODEL") == "1"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 

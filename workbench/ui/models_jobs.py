@@ -76,7 +76,8 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         new_path = gr.Textbox(label="Model folder (HF format, inside the data dir or an allowed root)", scale=3,
                               elem_id="fq-model-path")
         add_btn = gr.Button("Add model", scale=1, elem_id="fq-model-add")
-    default_btn = gr.Button(f"Add the embedded default model ({DEFAULT_MODEL_NAME})", variant="secondary")
+    default_btn = gr.Button(f"Add the embedded default model ({DEFAULT_MODEL_NAME})", variant="secondary",
+                            elem_id="fq-default-model")
     model_status = gr.Markdown(elem_id="fq-model-status")
 
     gr.Markdown("### Quantize and merge")
@@ -115,8 +116,10 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
                                    label="Variants", interactive=False)
         manifest = gr.JSON(label="Manifest", open=False, max_height=320)
     with gr.Row():
-        eval_docs = gr.Number(20, precision=0, minimum=1, maximum=1000, label="Eval documents (held-out Lee corpus)")
-        eval_seq = gr.Number(256, precision=0, minimum=16, maximum=4096, label="Eval sequence length")
+        eval_docs = gr.Number(20, precision=0, minimum=1, maximum=1000, label="Eval documents (held-out Lee corpus)",
+                              elem_id="fq-eval-docs")
+        eval_seq = gr.Number(256, precision=0, minimum=16, maximum=4096, label="Eval sequence length",
+                             elem_id="fq-eval-seq")
         eval_btn = gr.Button("Evaluate accuracy (queues a job)", elem_id="fq-eval")
     eval_status = gr.Markdown(elem_id="fq-eval-status")
     evals_df = gr.Dataframe(pd.DataFrame(columns=EVAL_COLUMNS), label="Accuracy vs BF16 (perplexity, top-1 "

@@ -132,6 +132,8 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
                 slot.checkpoint_name, slot.checkpoint_id, slot.policy = info.name, info.id, chosen
             handle = slot.handle
         except Exception as exc:
+            # The reason goes in the status box too: a toast disappears, the box stays.
+            yield f"**Could not start:** {exc}", gr.skip()
             raise user_error(exc) from None
         yield status_markdown(ctx), gr.skip()
         try:
