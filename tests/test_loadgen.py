@@ -35,6 +35,7 @@ class FakeOpenAI:
         self.policies: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.completed = 0
 
     def app(self) -> Starlette:
         async def models(_: Request):
@@ -58,6 +59,7 @@ class FakeOpenAI:
                         yield f"data: {json.dumps(chunk)}\n\n"
                     usage = {"id": "x", "choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
                     yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+                    self.completed += 1
                 finally:
                     self.in_flight -= 1
 
@@ -97,6 +99,18 @@ def test_stream_chat_measures_ttft_and_tpot(server):
     assert final.stats.ttft_ms >= FIRST_DELAY_S * 1000
     assert final.stats.tpot_ms >= TOKEN_DELAY_S * 1000
     assert fake.bodies[0]["model"] == "tiny" and fake.bodies[0]["stream"] is True
+
+
+def test_closing_the_stream_aborts_the_request(server):
+    """What the chat Stop button relies on: closing the generator closes the HTTP stream."""
+    fake, url = server
+    stream = chat_client.stream_chat(url, [{"role": "user", "content": "hi"}], max_tokens=500)
+    assert next(stream).delta == "t0 "
+    stream.close()
+    deadline = time.monotonic() + 10
+    while fake.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.in_flight == 0 and fake.completed == 0  # the server saw the client go, mid-reply
 
 
 def test_stream_chat_errors_are_readable(server):

@@ -71,7 +71,7 @@ def build_chat_tab(ctx: UIContext) -> None:
         clear = gr.Button("Clear", scale=1)
     with gr.Accordion("Settings", open=False):
         system = gr.Textbox("You are a helpful assistant.", label="System prompt")
-        max_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
+        max_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens", elem_id="fq-chat-max-tokens")
         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature")
     last = gr.Markdown(elem_id="fq-chat-stats")
 
@@ -80,7 +80,13 @@ def build_chat_tab(ctx: UIContext) -> None:
             raise gr.Error("type a message first")
         return "", hist + [{"role": "user", "content": text.strip()}]
 
-    def reply(hist, system_prompt, n_tokens, temp):
+    # Sessions whose Stop was pressed. A flag the streaming loop checks, not Gradio's `cancels`:
+    # closing our generator is what closes the HTTP stream, and that is what stops the server.
+    stopping: set[str] = set()
+
+    def reply(hist, system_prompt, n_tokens, temp, request: gr.Request):
+        session = request.session_hash or ""
+        stopping.discard(session)
         try:
             base_url = ctx.runtime.base_url()
         except Exception as exc:
@@ -88,19 +94,31 @@ def build_chat_tab(ctx: UIContext) -> None:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) + _for_model(hist)
         answer = {"role": "assistant", "content": ""}
         hist = hist + [answer]
-        stats = ChatStats()
+        stats, stopped = ChatStats(), False
+        stream = stream_chat(base_url, messages, max_tokens=int(n_tokens), temperature=float(temp))
         try:
-            for update in stream_chat(base_url, messages, max_tokens=int(n_tokens), temperature=float(temp)):
+            for update in stream:
                 answer["content"], stats = update.text, update.stats
+                if session in stopping:
+                    stopped = True
+                    break
                 if not update.done:
                     yield hist, _with_footer(hist), f"TTFT {stats.ttft_ms or 0:.0f} ms · streaming…"
         except Exception as exc:
             raise user_error(exc) from None
-        answer["footer"] = stats_footer(stats, served_by(ctx, stats.request_id))
-        yield hist, _with_footer(hist), f"Last reply: {answer['footer']}"
+        finally:
+            stream.close()
+            stopping.discard(session)
+        footer = stats_footer(stats, None if stopped else served_by(ctx, stats.request_id))
+        answer["footer"] = footer + (" · stopped" if stopped else "")
+        yield hist, _with_footer(hist), f"{'Stopped' if stopped else 'Last reply'}: {answer['footer']}"
 
-    send_event = gr.on([send.click, prompt.submit], add_user, [prompt, history], [prompt, history]).then(
+    gr.on([send.click, prompt.submit], add_user, [prompt, history], [prompt, history]).then(
         _with_footer, history, chatbot).then(
         reply, [history, system, max_tokens, temperature], [history, chatbot, last])
-    stop.click(None, None, None, cancels=[send_event])
+
+    def on_stop(request: gr.Request):
+        stopping.add(request.session_hash or "")
+
+    stop.click(on_stop, None, None)
     clear.click(lambda: ([], [], ""), None, [history, chatbot, last])
