@@ -55,7 +55,10 @@ class FakeOpenAI:
                     for i in range(body["max_tokens"]):
                         if i:
                             await asyncio.sleep(TOKEN_DELAY_S)
-                        chunk = {"id": f"req-{len(self.bodies)}", "choices": [{"delta": {"content": f"t{i} "}}]}
+                        chunk = {
+                            "id": f"req-{len(self.bodies)}",
+                            "choices": [{"delta": {"content": f"t{i} "}}],
+                        }
                         yield f"data: {json.dumps(chunk)}\n\n"
                     usage = {"id": "x", "choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
                     yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
@@ -69,8 +72,13 @@ class FakeOpenAI:
             self.policies.append((await request.json())["policy"]["name"])
             return JSONResponse({"applied_at_step": len(self.policies)})
 
-        return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
-                                 Route("/flexquant/policy", policy, methods=["PUT"])])
+        return Starlette(
+            routes=[
+                Route("/v1/models", models),
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+                Route("/flexquant/policy", policy, methods=["PUT"]),
+            ]
+        )
 
 
 @pytest.fixture
@@ -126,7 +134,9 @@ def test_stream_chat_errors_are_readable(server):
 
 def test_run_load_counts_concurrency_and_prompts(server):
     fake, url = server
-    spec = loadgen.LoadSpec(rate=0, prompt_words=10, max_tokens=4, concurrency=2, num_requests=6, duration_s=30)
+    spec = loadgen.LoadSpec(
+        rate=0, prompt_words=10, max_tokens=4, concurrency=2, num_requests=6, duration_s=30
+    )
     report = loadgen.run_load(url, spec)
     df = report.frame()
     assert len(df) == 6 and df["error"].isna().all()

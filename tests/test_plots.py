@@ -19,8 +19,18 @@ def make_steps() -> pd.DataFrame:
         (4, 0.4, 6.0, 0, 3, "w8a8", "all-w8a8"),
         (5, 0.5, 6.1, 0, 3, "w8a8", "all-w8a8"),
     ]
-    df = pd.DataFrame(rows, columns=["step", "t_s", "duration_ms", "num_prefill_tokens", "num_decode_reqs",
-                                     "variant", "policy_name"])
+    df = pd.DataFrame(
+        rows,
+        columns=[
+            "step",
+            "t_s",
+            "duration_ms",
+            "num_prefill_tokens",
+            "num_decode_reqs",
+            "variant",
+            "policy_name",
+        ],
+    )
     df["phase"] = ["prefill" if n > 0 else "decode" for n in df["num_prefill_tokens"]]
     return df
 
@@ -67,10 +77,12 @@ def test_step_latency_has_one_trace_per_variant():
 
 
 def test_rolling_latency_median_and_changes():
-    req = pd.DataFrame({"t_s": [1.0, 2.0, 3.0, 4.0], "ttft_ms": [10.0, 30.0, 20.0, None],
-                        "tpot_ms": [5.0, 7.0, 6.0, None]})
-    fig = plots.rolling_latency_figure(req, window=2,
-                                       changes=pd.DataFrame({"t_s": [2.5], "policy_name": ["x"]}))
+    req = pd.DataFrame(
+        {"t_s": [1.0, 2.0, 3.0, 4.0], "ttft_ms": [10.0, 30.0, 20.0, None], "tpot_ms": [5.0, 7.0, 6.0, None]}
+    )
+    fig = plots.rolling_latency_figure(
+        req, window=2, changes=pd.DataFrame({"t_s": [2.5], "policy_name": ["x"]})
+    )
     rolling_ttft = next(t for t in fig.data if t.name == "TTFT rolling median")
     assert list(rolling_ttft.y) == [10.0, 20.0, 25.0]  # unfinished request dropped
     rolling_tpot = next(t for t in fig.data if t.name == "TPOT rolling median")
@@ -78,8 +90,9 @@ def test_rolling_latency_median_and_changes():
     assert 2.5 in shapes_x(fig)
 
 
-@pytest.mark.parametrize("builder", [plots.variant_timeline_figure, plots.batch_composition_figure,
-                                     plots.step_latency_figure])
+@pytest.mark.parametrize(
+    "builder", [plots.variant_timeline_figure, plots.batch_composition_figure, plots.step_latency_figure]
+)
 def test_empty_frames_give_a_message_not_an_error(builder):
     fig = builder(make_steps().iloc[0:0])
     assert len(fig.data) == 0
@@ -87,8 +100,13 @@ def test_empty_frames_give_a_message_not_an_error(builder):
 
 
 def test_accuracy_figure_bars():
-    evals = pd.DataFrame({"target": ["bf16", "w8a8", "w4a16"], "perplexity": [38.6, 39.0, 49.1],
-                          "token_agreement": [1.0, 0.93, 0.81]})
+    evals = pd.DataFrame(
+        {
+            "target": ["bf16", "w8a8", "w4a16"],
+            "perplexity": [38.6, 39.0, 49.1],
+            "token_agreement": [1.0, 0.93, 0.81],
+        }
+    )
     fig = plots.accuracy_figure(evals)
     ppl, agree = fig.data
     assert list(ppl.x) == ["bf16", "w8a8", "w4a16"]
@@ -98,11 +116,16 @@ def test_accuracy_figure_bars():
 
 
 def test_policy_figure_bars_cover_batch_ranges_and_layers():
-    policy = Policy(name="p", prefill="w8a8",
-                    decode=[DecodeRule(max_batch=8, variant="w4a16"), DecodeRule(variant="w8a8")],
-                    layers=[LayerRule(first=0, last=1, variant="w8a8")])
+    policy = Policy(
+        name="p",
+        prefill="w8a8",
+        decode=[DecodeRule(max_batch=8, variant="w4a16"), DecodeRule(variant="w8a8")],
+        layers=[LayerRule(first=0, last=1, variant="w8a8")],
+    )
     fig = plots.policy_figure(policy, num_layers=4, max_batch=20)
-    bars = [(t.y[0], t.base[0], t.base[0] + t.x[0], t.name) for t in fig.data if t.name != "follow step policy"]
+    bars = [
+        (t.y[0], t.base[0], t.base[0] + t.x[0], t.name) for t in fig.data if t.name != "follow step policy"
+    ]
     assert ("prefill", 0.5, 20.5, "w8a8") in bars
     assert ("decode", 0.5, 8.5, "w4a16") in bars
     assert ("decode", 8.5, 20.5, "w8a8") in bars
@@ -111,7 +134,10 @@ def test_policy_figure_bars_cover_batch_ranges_and_layers():
     assert list(free.base) == [1.5, 2.5]  # layers 2 and 3
     # each variant appears once in the legend
     assert sorted(t.name for t in fig.data if t.showlegend is not False) == [
-        "follow step policy", "w4a16", "w8a8"]
+        "follow step policy",
+        "w4a16",
+        "w8a8",
+    ]
 
 
 def test_policy_figure_fixed_policy_is_one_colour():
@@ -120,10 +146,14 @@ def test_policy_figure_fixed_policy_is_one_colour():
 
 
 def make_bench() -> pd.DataFrame:
-    return pd.DataFrame({
-        "policy": ["a", "a", "b", "b"], "rate": [1.0, 2.0, 1.0, 2.0],
-        "ttft_p50_ms": [100.0, 120.0, 90.0, 150.0], "tpot_p50_ms": [20.0, 25.0, 15.0, 18.0],
-    })
+    return pd.DataFrame(
+        {
+            "policy": ["a", "a", "b", "b"],
+            "rate": [1.0, 2.0, 1.0, 2.0],
+            "ttft_p50_ms": [100.0, 120.0, 90.0, 150.0],
+            "tpot_p50_ms": [20.0, 25.0, 15.0, 18.0],
+        }
+    )
 
 
 def test_pick_winner_lowest_mean():

@@ -139,15 +139,29 @@ def _http_error(resp: httpx.Response, what: str) -> ChatError:
 
 
 def _unreachable(base_url: str, exc: Exception) -> ChatError:
-    return ChatError(f"cannot reach the model server at {base_url} ({type(exc).__name__}: {exc}); "
-                     "start the runtime in the Runtime tab or check its log")
+    return ChatError(
+        f"cannot reach the model server at {base_url} ({type(exc).__name__}: {exc}); "
+        "start the runtime in the Runtime tab or check its log"
+    )
 
 
-def chat_body(messages: list[dict], *, model: str, max_tokens: int = 256, temperature: float = 0.0,
-              extra: dict | None = None) -> dict:
+def chat_body(
+    messages: list[dict],
+    *,
+    model: str,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    extra: dict | None = None,
+) -> dict:
     """The JSON body of a streamed chat completion that also asks for the token count."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     body.update(extra or {})
     return body
 
@@ -163,8 +177,16 @@ def list_models(base_url: str, *, timeout: float = 5.0) -> list[str]:
     return [m["id"] for m in resp.json().get("data", [])]
 
 
-def stream_chat(base_url: str, messages: list[dict], *, model: str | None = None, max_tokens: int = 256,
-                temperature: float = 0.0, timeout: float = 300.0, extra: dict | None = None) -> Iterator[ChatUpdate]:
+def stream_chat(
+    base_url: str,
+    messages: list[dict],
+    *,
+    model: str | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    timeout: float = 300.0,
+    extra: dict | None = None,
+) -> Iterator[ChatUpdate]:
     """Stream a chat reply, yielding a `ChatUpdate` per text chunk and a final one with `done=True`.
 
     Closing the generator (a Stop button) closes the HTTP stream, which aborts the request."""
@@ -172,9 +194,13 @@ def stream_chat(base_url: str, messages: list[dict], *, model: str | None = None
     timer = StreamTimer()
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0)) as client:
-            with client.stream("POST", f"{base_url}/v1/chat/completions",
-                               json=chat_body(messages, model=model, max_tokens=max_tokens,
-                                              temperature=temperature, extra=extra)) as resp:
+            with client.stream(
+                "POST",
+                f"{base_url}/v1/chat/completions",
+                json=chat_body(
+                    messages, model=model, max_tokens=max_tokens, temperature=temperature, extra=extra
+                ),
+            ) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     raise _http_error(resp, "the chat request")
@@ -203,11 +229,8 @@ async def astream_chat(client: httpx.AsyncClient, base_url: str, body: dict) -> 
 
 def chat_once(base_url: str, messages: list[dict], **kwargs) -> tuple[str, ChatStats]:
     """The whole reply and its stats (the streamed request, consumed)."""
-    last = None
-    for last in stream_chat(base_url, messages, **kwargs):
-        pass
-    assert last is not None and last.done
-    return last.text, last.stats
+    updates = list(stream_chat(base_url, messages, **kwargs))
+    return updates[-1].text, updates[-1].stats
 
 
 def _json_call(method: str, url: str, what: str, base_url: str, **kwargs) -> dict:
@@ -227,8 +250,13 @@ def get_policy(base_url: str) -> dict:
 
 def put_policy(base_url: str, policy: Policy) -> dict:
     """Apply `policy` on the running server (PUT /flexquant/policy); returns `{"applied_at_step": N}`."""
-    return _json_call("PUT", f"{base_url}/flexquant/policy", f"applying policy {policy.name!r}", base_url,
-                      json={"policy": policy.model_dump(exclude_none=True)})
+    return _json_call(
+        "PUT",
+        f"{base_url}/flexquant/policy",
+        f"applying policy {policy.name!r}",
+        base_url,
+        json={"policy": policy.model_dump(exclude_none=True)},
+    )
 
 
 def get_stats(base_url: str) -> dict:

@@ -24,15 +24,24 @@ import pandas as pd
 from workbench.chat_client import ChatError, astream_chat, chat_body, list_models, put_policy
 from workbench.policy import Policy
 
-__all__ = ["LoadSpec", "RequestResult", "LoadReport", "check_loopback", "make_prompt", "run_load",
-           "compare_policies"]
+__all__ = [
+    "LoadSpec",
+    "RequestResult",
+    "LoadReport",
+    "check_loopback",
+    "make_prompt",
+    "run_load",
+    "compare_policies",
+]
 
 log = logging.getLogger(__name__)
 
 # Plain words for synthetic prompts; about one token each for Llama-style tokenizers.
-WORDS = ("the model reads a long report about weather markets rivers music history science cities food "
-         "travel energy water light stone garden winter summer engine policy batch token memory layer "
-         "quiet bright early late simple careful open small large green north south story answer").split()
+WORDS = (
+    "the model reads a long report about weather markets rivers music history science cities food "
+    "travel energy water light stone garden winter summer engine policy batch token memory layer "
+    "quiet bright early late simple careful open small large green north south story answer"
+).split()
 
 
 @dataclass(frozen=True)
@@ -53,12 +62,14 @@ class LoadSpec:
     ignore_eos: bool = True
 
     def __post_init__(self) -> None:
-        checks = [(self.rate >= 0, "rate must be >= 0 requests/s"),
-                  (1 <= self.prompt_words <= 8192, "prompt length must be 1..8192 words"),
-                  (1 <= self.max_tokens <= 4096, "output length must be 1..4096 tokens"),
-                  (1 <= self.concurrency <= 256, "concurrency must be 1..256"),
-                  (1 <= self.num_requests <= 10_000, "request count must be 1..10000"),
-                  (0 < self.duration_s <= 3600, "duration must be 0..3600 s")]
+        checks = [
+            (self.rate >= 0, "rate must be >= 0 requests/s"),
+            (1 <= self.prompt_words <= 8192, "prompt length must be 1..8192 words"),
+            (1 <= self.max_tokens <= 4096, "output length must be 1..4096 tokens"),
+            (1 <= self.concurrency <= 256, "concurrency must be 1..256"),
+            (1 <= self.num_requests <= 10_000, "request count must be 1..10000"),
+            (0 < self.duration_s <= 3600, "duration must be 0..3600 s"),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"load spec: {message}")
@@ -84,18 +95,23 @@ class LoadReport:
 
     def frame(self) -> pd.DataFrame:
         """One row per request (see `RequestResult`)."""
-        return pd.DataFrame([asdict(r) for r in self.results],
-                            columns=list(RequestResult.__dataclass_fields__))
+        return pd.DataFrame(
+            [asdict(r) for r in self.results], columns=list(RequestResult.__dataclass_fields__)
+        )
 
     def summary(self) -> dict:
         """Counts, TTFT/TPOT p50/p90/p99 over successful requests, and output throughput."""
         df = self.frame()
         ok = df[df["error"].isna()]
         errors = df["error"].dropna()
-        out = {"requests": len(df), "errors": len(errors), "wall_s": round(self.wall_s, 3),
-               # the most frequent error, so a failing workload says why (e.g. prompt longer than the context)
-               "top_error": errors.value_counts().index[0] if len(errors) else None,
-               "output_tok_per_s": round(ok["output_tokens"].sum() / self.wall_s, 3) if self.wall_s else 0.0}
+        out = {
+            "requests": len(df),
+            "errors": len(errors),
+            "wall_s": round(self.wall_s, 3),
+            # the most frequent error, so a failing workload says why (e.g. prompt longer than the context)
+            "top_error": errors.value_counts().index[0] if len(errors) else None,
+            "output_tok_per_s": round(ok["output_tokens"].sum() / self.wall_s, 3) if self.wall_s else 0.0,
+        }
         for metric in ("ttft_ms", "tpot_ms"):
             values = ok[metric].dropna()
             for q in (50, 90, 99):
@@ -113,8 +129,10 @@ def check_loopback(base_url: str) -> None:
             return
     except ValueError:
         pass
-    raise ValueError(f"the load generator only targets this machine; {base_url!r} is not a loopback address "
-                     "(use http://127.0.0.1:PORT of the runtime started in the Runtime tab)")
+    raise ValueError(
+        f"the load generator only targets this machine; {base_url!r} is not a loopback address "
+        "(use http://127.0.0.1:PORT of the runtime started in the Runtime tab)"
+    )
 
 
 def make_prompt(rng: random.Random, words: int) -> str:
@@ -155,7 +173,9 @@ async def _run(base_url: str, spec: LoadSpec, model: str, stop: threading.Event 
             await _one(client, base_url, body, result)
 
     limits = httpx.Limits(max_connections=spec.concurrency + 1)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(spec.duration_s, connect=5.0), limits=limits) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(spec.duration_s, connect=5.0), limits=limits
+    ) as client:
         next_at = t0
         for i in range(spec.num_requests):
             if spec.rate > 0:
@@ -166,8 +186,12 @@ async def _run(base_url: str, spec: LoadSpec, model: str, stop: threading.Event 
             while wait > 0 and not (stop is not None and stop.is_set()):
                 await asyncio.sleep(min(wait, 0.2))
                 wait = next_at - time.perf_counter()
-            body = chat_body([{"role": "user", "content": make_prompt(prompt_rng, spec.prompt_words)}], model=model,
-                             max_tokens=spec.max_tokens, extra=extra)
+            body = chat_body(
+                [{"role": "user", "content": make_prompt(prompt_rng, spec.prompt_words)}],
+                model=model,
+                max_tokens=spec.max_tokens,
+                extra=extra,
+            )
             result = RequestResult(index=i, sent_s=time.perf_counter() - t0)
             report.results.append(result)
             tasks.append(asyncio.create_task(send(result, body)))
@@ -194,9 +218,15 @@ def run_load(base_url: str, spec: LoadSpec, *, stop: threading.Event | None = No
     return report
 
 
-def compare_policies(base_url: str, policies: list[Policy], rates: list[float], spec: LoadSpec, *,
-                     on_progress: Callable[[str, float], None] | None = None,
-                     stop: threading.Event | None = None) -> pd.DataFrame:
+def compare_policies(
+    base_url: str,
+    policies: list[Policy],
+    rates: list[float],
+    spec: LoadSpec,
+    *,
+    on_progress: Callable[[str, float], None] | None = None,
+    stop: threading.Event | None = None,
+) -> pd.DataFrame:
     """Run `spec` at every rate under every policy on one server (applying each policy live first).
 
     Returns one row per (policy, rate) with the `LoadReport.summary()` columns, ready for

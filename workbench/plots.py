@@ -46,8 +46,15 @@ def variant_color(name: str) -> str:
 
 def _empty(title: str, message: str = "no data yet") -> go.Figure:
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
-    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font=dict(size=14, color="#7f7f7f"))
+    fig.add_annotation(
+        text=message,
+        showarrow=False,
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+        font=dict(size=14, color="#7f7f7f"),
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
@@ -69,8 +76,12 @@ def _mark_policy_changes(fig: go.Figure, changes: pd.DataFrame | None, **where) 
         return
     for row in changes.itertuples():
         fig.add_vline(
-            x=row.t_s, line_dash="dash", line_color="#d62728", annotation_text=f"policy → {row.policy_name}",
-            annotation_position="top left", **where,
+            x=row.t_s,
+            line_dash="dash",
+            line_color="#d62728",
+            annotation_text=f"policy → {row.policy_name}",
+            annotation_position="top left",
+            **where,
         )
 
 
@@ -87,13 +98,18 @@ def variant_timeline_figure(steps: pd.DataFrame) -> go.Figure:
             part = steps[(steps["variant"] == variant) & (steps["phase"] == phase)]
             if part.empty:
                 continue
-            fig.add_trace(go.Scatter(
-                x=part["t_s"], y=part["variant"], mode="markers", name=f"{variant} {phase}",
-                marker=dict(color=variant_color(variant), symbol=symbol, size=8),
-                customdata=part[["step", "num_prefill_tokens", "num_decode_reqs", "policy_name"]],
-                hovertemplate="step %{customdata[0]}<br>prefill tokens %{customdata[1]}"
-                "<br>decode reqs %{customdata[2]}<br>policy %{customdata[3]}<extra>%{y}</extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=part["t_s"],
+                    y=part["variant"],
+                    mode="markers",
+                    name=f"{variant} {phase}",
+                    marker=dict(color=variant_color(variant), symbol=symbol, size=8),
+                    customdata=part[["step", "num_prefill_tokens", "num_decode_reqs", "policy_name"]],
+                    hovertemplate="step %{customdata[0]}<br>prefill tokens %{customdata[1]}"
+                    "<br>decode reqs %{customdata[2]}<br>policy %{customdata[3]}<extra>%{y}</extra>",
+                )
+            )
     fig.update_xaxes(title="time since run start (s)")
     fig.update_yaxes(title="variant", type="category")
     _mark_policy_changes(fig, policy_change_points(steps))
@@ -107,15 +123,41 @@ def batch_composition_figure(steps: pd.DataFrame) -> go.Figure:
     title = "Batch composition per step"
     if steps.empty:
         return _empty(title)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
-                        subplot_titles=("decode requests", "prefill tokens"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.12,
+        subplot_titles=("decode requests", "prefill tokens"),
+    )
     for variant in sorted(steps["variant"].unique()):
         part = steps[steps["variant"] == variant]
         marker = dict(color=variant_color(variant), size=6)
-        fig.add_trace(go.Scatter(x=part["t_s"], y=part["num_decode_reqs"], mode="markers", name=variant,
-                                 legendgroup=variant, marker=marker), row=1, col=1)
-        fig.add_trace(go.Scatter(x=part["t_s"], y=part["num_prefill_tokens"], mode="markers", name=variant,
-                                 legendgroup=variant, marker=marker, showlegend=False), row=2, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=part["t_s"],
+                y=part["num_decode_reqs"],
+                mode="markers",
+                name=variant,
+                legendgroup=variant,
+                marker=marker,
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=part["t_s"],
+                y=part["num_prefill_tokens"],
+                mode="markers",
+                name=variant,
+                legendgroup=variant,
+                marker=marker,
+                showlegend=False,
+            ),
+            row=2,
+            col=1,
+        )
     fig.update_layout(title=title, **{**LAYOUT, "height": 380})
     fig.update_yaxes(rangemode="tozero")
     fig.update_xaxes(title="time since run start (s)", row=2, col=1)
@@ -131,16 +173,24 @@ def step_latency_figure(steps: pd.DataFrame) -> go.Figure:
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
     for variant in sorted(steps["variant"].unique()):
         part = steps[steps["variant"] == variant]
-        fig.add_trace(go.Scatter(x=part["t_s"], y=part["duration_ms"], mode="markers", name=variant,
-                                 marker=dict(color=variant_color(variant), size=6)))
+        fig.add_trace(
+            go.Scatter(
+                x=part["t_s"],
+                y=part["duration_ms"],
+                mode="markers",
+                name=variant,
+                marker=dict(color=variant_color(variant), size=6),
+            )
+        )
     fig.update_xaxes(title="time since run start (s)")
     fig.update_yaxes(title="step duration (ms)", rangemode="tozero")
     _mark_policy_changes(fig, policy_change_points(steps))
     return fig
 
 
-def rolling_latency_figure(requests: pd.DataFrame, *, window: int = 8,
-                           changes: pd.DataFrame | None = None) -> go.Figure:
+def rolling_latency_figure(
+    requests: pd.DataFrame, *, window: int = 8, changes: pd.DataFrame | None = None
+) -> go.Figure:
     """TTFT (top) and TPOT (bottom) per finished request, with a rolling median over `window`
     requests; `changes` (from `policy_change_points`) adds the policy-change lines."""
     title = f"TTFT and TPOT (rolling median of {window} requests)"
@@ -148,15 +198,33 @@ def rolling_latency_figure(requests: pd.DataFrame, *, window: int = 8,
     if done.empty:
         return _empty(title, "no finished requests yet")
     done = done.sort_values("t_s")
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
-                        subplot_titles=("TTFT (ms)", "TPOT (ms)"))
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=("TTFT (ms)", "TPOT (ms)")
+    )
     for row, metric, color in ((1, "ttft_ms", "#2ca02c"), (2, "tpot_ms", "#9467bd")):
         series = done[metric]
-        fig.add_trace(go.Scatter(x=done["t_s"], y=series, mode="markers", name=f"{metric[:4].upper()} per request",
-                                 marker=dict(color=color, size=5, opacity=0.35)), row=row, col=1)
-        fig.add_trace(go.Scatter(x=done["t_s"], y=series.rolling(window, min_periods=1).median(), mode="lines",
-                                 name=f"{metric[:4].upper()} rolling median", line=dict(color=color, width=3)),
-                      row=row, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=done["t_s"],
+                y=series,
+                mode="markers",
+                name=f"{metric[:4].upper()} per request",
+                marker=dict(color=color, size=5, opacity=0.35),
+            ),
+            row=row,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=done["t_s"],
+                y=series.rolling(window, min_periods=1).median(),
+                mode="lines",
+                name=f"{metric[:4].upper()} rolling median",
+                line=dict(color=color, width=3),
+            ),
+            row=row,
+            col=1,
+        )
     fig.update_layout(title=title, **{**LAYOUT, "height": 380})
     fig.update_xaxes(title="request finish time since run start (s)", row=2, col=1)
     _mark_policy_changes(fig, changes, row="all", col=1)
@@ -168,39 +236,80 @@ def accuracy_figure(evals: pd.DataFrame) -> go.Figure:
     title = "Accuracy vs BF16"
     if evals.empty:
         return _empty(title, "no evaluation results for this checkpoint")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("perplexity (lower is better)",
-                                                         "token agreement with BF16 (higher is better)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("perplexity (lower is better)", "token agreement with BF16 (higher is better)"),
+    )
     colors = [variant_color(t) for t in evals["target"]]
-    fig.add_trace(go.Bar(x=evals["target"], y=evals["perplexity"], marker_color=colors, name="perplexity",
-                         text=evals["perplexity"].round(2), textposition="outside", cliponaxis=False), row=1, col=1)
+    fig.add_trace(
+        go.Bar(
+            x=evals["target"],
+            y=evals["perplexity"],
+            marker_color=colors,
+            name="perplexity",
+            text=evals["perplexity"].round(2),
+            textposition="outside",
+            cliponaxis=False,
+        ),
+        row=1,
+        col=1,
+    )
     agreement = evals["token_agreement"].astype(float)
-    fig.add_trace(go.Bar(x=evals["target"], y=agreement, marker_color=colors, name="token agreement",
-                         text=agreement.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"), textposition="outside",
-                         cliponaxis=False),
-                  row=1, col=2)
+    fig.add_trace(
+        go.Bar(
+            x=evals["target"],
+            y=agreement,
+            marker_color=colors,
+            name="token agreement",
+            text=agreement.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"),
+            textposition="outside",
+            cliponaxis=False,
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
     fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_layout(title=title, showlegend=False, **{**LAYOUT, "margin": dict(l=50, r=20, t=80, b=40)})
     return fig
 
 
-def policy_figure(policy: Policy, *, num_layers: int | None = None, max_batch: int | None = None) -> go.Figure:
+def policy_figure(
+    policy: Policy, *, num_layers: int | None = None, max_batch: int | None = None
+) -> go.Figure:
     """The policy as a picture: the prefill variant, the decode variant for each batch range, and
     (when `num_layers` is known) which layers are pinned to a variant by a layer override."""
     bounds = [r.max_batch for r in policy.decode if r.max_batch is not None]
     x_max = max_batch or max(32, 2 * (bounds[-1] if bounds else 16))
     rows = 2 if num_layers else 1
-    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.35,
-                        subplot_titles=("variant by step kind and decode batch size",
-                                        "per-layer overrides")[:rows])
+    fig = make_subplots(
+        rows=rows,
+        cols=1,
+        vertical_spacing=0.35,
+        subplot_titles=("variant by step kind and decode batch size", "per-layer overrides")[:rows],
+    )
     seen: set[str] = set()
 
     def bar(y: str, lo: float, hi: float, variant: str, label: str, row: int) -> None:
-        fig.add_trace(go.Bar(
-            y=[y], x=[hi - lo], base=[lo], orientation="h", name=variant, legendgroup=variant,
-            showlegend=variant not in seen, marker_color=variant_color(variant), text=[label],
-            textposition="inside", insidetextanchor="middle", hovertemplate=f"{label}<extra>{variant}</extra>",
-        ), row=row, col=1)
+        fig.add_trace(
+            go.Bar(
+                y=[y],
+                x=[hi - lo],
+                base=[lo],
+                orientation="h",
+                name=variant,
+                legendgroup=variant,
+                showlegend=variant not in seen,
+                marker_color=variant_color(variant),
+                text=[label],
+                textposition="inside",
+                insidetextanchor="middle",
+                hovertemplate=f"{label}<extra>{variant}</extra>",
+            ),
+            row=row,
+            col=1,
+        )
         seen.add(variant)
 
     bar("prefill", 0.5, x_max + 0.5, policy.prefill, f"prefill: {policy.prefill}", 1)
@@ -217,13 +326,25 @@ def policy_figure(policy: Policy, *, num_layers: int | None = None, max_batch: i
             bar("layers", first - 0.5, last + 0.5, variant, f"layers {first}–{last}: {variant}", 2)
         free = [i for i in range(num_layers) if not any(f <= i <= la for f, la, _ in covered)]
         if free:
-            fig.add_trace(go.Bar(y=["layers"] * len(free), x=[1] * len(free), base=[i - 0.5 for i in free],
-                                 orientation="h", name="follow step policy", marker_color="#e5e5e5",
-                                 hovertemplate="layer %{base}<extra>follows the step policy</extra>"), row=2, col=1)
-        fig.update_xaxes(title="layer", range=[-0.5, num_layers - 0.5], row=2, col=1,
-                         dtick=max(1, num_layers // 16))  # whole layers only
-    fig.update_layout(title=f"Policy {policy.name}", barmode="overlay",
-                      **{**LAYOUT, "height": 260 if rows == 1 else 420})
+            fig.add_trace(
+                go.Bar(
+                    y=["layers"] * len(free),
+                    x=[1] * len(free),
+                    base=[i - 0.5 for i in free],
+                    orientation="h",
+                    name="follow step policy",
+                    marker_color="#e5e5e5",
+                    hovertemplate="layer %{base}<extra>follows the step policy</extra>",
+                ),
+                row=2,
+                col=1,
+            )
+        fig.update_xaxes(
+            title="layer", range=[-0.5, num_layers - 0.5], row=2, col=1, dtick=max(1, num_layers // 16)
+        )  # whole layers only
+    fig.update_layout(
+        title=f"Policy {policy.name}", barmode="overlay", **{**LAYOUT, "height": 260 if rows == 1 else 420}
+    )
     return fig
 
 
@@ -249,9 +370,20 @@ def compare_figure(bench: pd.DataFrame, *, winner_metric: str = "tpot_p50_ms") -
         line = dict(color=color, width=5 if is_winner else 2, dash="solid" if is_winner else "dot")
         label = f"{policy} ★" if is_winner else str(policy)
         for col, metric in ((1, "ttft_p50_ms"), (2, "tpot_p50_ms")):
-            fig.add_trace(go.Scatter(x=part["rate"], y=part[metric], mode="lines+markers", name=label,
-                                     legendgroup=str(policy), showlegend=col == 1, line=line,
-                                     marker=dict(size=11 if is_winner else 7)), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=part["rate"],
+                    y=part[metric],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=str(policy),
+                    showlegend=col == 1,
+                    line=line,
+                    marker=dict(size=11 if is_winner else 7),
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_xaxes(title="offered load (requests/s)")
     fig.update_yaxes(rangemode="tozero")
     fig.update_layout(title=f"{title} — winner on {winner_metric}: {winner}", **{**LAYOUT, "height": 360})

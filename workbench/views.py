@@ -7,10 +7,8 @@ started, because that is what a timeline axis wants.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "JOB_COLUMNS",
     "jobs_frame",
-    "render_jobs_html",
     "models_frame",
     "checkpoints_frame",
     "variants_frame",
@@ -46,14 +43,44 @@ __all__ = [
     "memory_frame",
 ]
 
-JOB_COLUMNS = ["id", "kind", "title", "status", "stage", "percent", "eta_s", "message", "attempts",
-               "created_at", "started_at", "finished_at", "error", "log_tail"]
-STEP_COLUMNS = ["step", "ts", "t_s", "duration_ms", "num_prefill_tokens", "num_decode_reqs", "variant", "phase",
-                "policy_name"]
-REQUEST_COLUMNS = ["request_id", "arrival_ts", "t_s", "ttft_ms", "tpot_ms", "prompt_tokens", "output_tokens",
-                   "variant_mix", "error"]
-STATUS_COLORS = {"queued": "#7f7f7f", "running": "#1f77b4", "done": "#2ca02c", "failed": "#d62728",
-                 "cancelled": "#8c564b", "interrupted": "#ff7f0e"}
+JOB_COLUMNS = [
+    "id",
+    "kind",
+    "title",
+    "status",
+    "stage",
+    "percent",
+    "eta_s",
+    "message",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "log_tail",
+]
+STEP_COLUMNS = [
+    "step",
+    "ts",
+    "t_s",
+    "duration_ms",
+    "num_prefill_tokens",
+    "num_decode_reqs",
+    "variant",
+    "phase",
+    "policy_name",
+]
+REQUEST_COLUMNS = [
+    "request_id",
+    "arrival_ts",
+    "t_s",
+    "ttft_ms",
+    "tpot_ms",
+    "prompt_tokens",
+    "output_tokens",
+    "variant_mix",
+    "error",
+]
 
 
 def _frame(rows: list, columns: list[str]) -> pd.DataFrame:
@@ -67,57 +94,24 @@ def jobs_frame(engine: Engine, *, limit: int = 200) -> pd.DataFrame:
     return _frame(rows, JOB_COLUMNS)
 
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None or pd.isna(seconds):
-        return ""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def render_jobs_html(jobs: pd.DataFrame, *, log_lines: int = 4, now: float | None = None) -> str:
-    """The queue as an HTML table: a progress bar per job, stage, ETA, elapsed time and the last
-    `log_lines` lines of its log (the error instead, for a failed job). Everything user-typed is
-    escaped: a job title is text, never markup."""
-    if jobs.empty:
-        return "<p class='fq-empty'>No jobs yet. Submit one above.</p>"
-    now = time.time() if now is None else now
-    out = ["<table class='fq-jobs'><thead><tr><th>#</th><th>job</th><th>status</th><th>progress</th>"
-           "<th>stage</th><th>ETA</th><th>elapsed</th><th>log</th></tr></thead><tbody>"]
-    for job in jobs.itertuples():
-        status = str(job.status)
-        percent = 100.0 if status == "done" else float(job.percent or 0.0)
-        color = STATUS_COLORS.get(status, "#7f7f7f")
-        end = job.finished_at if job.finished_at and not pd.isna(job.finished_at) else now
-        elapsed = end - job.started_at if job.started_at and not pd.isna(job.started_at) else None
-        text = job.error if status == "failed" and job.error else (job.log_tail or "")
-        tail = "\n".join(str(text).rstrip().splitlines()[-log_lines:])
-        title = job.title or job.kind
-        eta = _fmt_duration(job.eta_s) if status == "running" else ""
-        out.append(
-            f"<tr data-job-id='{int(job.id)}' data-status='{html.escape(status)}'>"
-            f"<td>{int(job.id)}</td><td>{html.escape(str(title))}<br><small>{html.escape(str(job.kind))}"
-            f"{' · attempt ' + str(job.attempts) if job.attempts and job.attempts > 1 else ''}</small></td>"
-            f"<td><span class='fq-status' style='color:{color}'>{html.escape(status)}</span></td>"
-            f"<td><div class='fq-bar' title='{percent:.0f}%'><div style='width:{percent:.1f}%;background:{color}'>"
-            f"</div></div><small>{percent:.0f}%</small></td>"
-            f"<td>{html.escape(str(job.stage or ''))}<br><small>{html.escape(str(job.message or ''))}</small></td>"
-            f"<td>{eta}</td><td>{_fmt_duration(elapsed)}</td>"
-            f"<td><pre class='fq-log'>{html.escape(tail)}</pre></td></tr>"
-        )
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
 def models_frame(engine: Engine) -> pd.DataFrame:
     """Registered source models: name, architecture, layers, parameters, size, default flag, path."""
     with Session(engine) as session:
         rows = session.exec(select(SourceModel).order_by(SourceModel.id)).all()
-    df = _frame(rows, ["id", "name", "architecture", "num_layers", "num_params", "size_bytes", "dtype",
-                       "is_default", "path"])
+    df = _frame(
+        rows,
+        [
+            "id",
+            "name",
+            "architecture",
+            "num_layers",
+            "num_params",
+            "size_bytes",
+            "dtype",
+            "is_default",
+            "path",
+        ],
+    )
     df["size_mb"] = (df["size_bytes"] / 2**20).round(1)
     return df.drop(columns=["size_bytes"])
 
@@ -139,7 +133,9 @@ def checkpoints_frame(engine: Engine) -> pd.DataFrame:
 def variants_frame(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
     """The variants of one checkpoint: scheme, group size and resident weight size in MiB."""
     with Session(engine) as session:
-        rows = session.exec(select(Variant).where(Variant.checkpoint_id == checkpoint_id).order_by(Variant.id)).all()
+        rows = session.exec(
+            select(Variant).where(Variant.checkpoint_id == checkpoint_id).order_by(Variant.id)
+        ).all()
     df = _frame(rows, ["name", "scheme", "group_size", "weight_bytes"])
     df["weight_mb"] = (df["weight_bytes"] / 2**20).round(2)
     return df.drop(columns=["weight_bytes"])
@@ -161,8 +157,9 @@ def eval_frame(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
     """The newest evaluation of each target of a checkpoint, BF16 first, with the perplexity change
     against BF16 in percent (`ppl_vs_bf16_pct`) when a BF16 row exists."""
     with Session(engine) as session:
-        rows = session.exec(select(EvalResult).where(EvalResult.checkpoint_id == checkpoint_id)
-                            .order_by(EvalResult.id)).all()
+        rows = session.exec(
+            select(EvalResult).where(EvalResult.checkpoint_id == checkpoint_id).order_by(EvalResult.id)
+        ).all()
     df = _frame(rows, ["target", "dataset", "perplexity", "token_agreement", "top1_accuracy", "num_tokens"])
     df = df.drop_duplicates("target", keep="last")  # a re-run evaluation supersedes the old one
     order = df["target"].map(lambda t: (t != "bf16", not str(t).startswith("all-"), t))
@@ -176,8 +173,9 @@ def runs_frame(engine: Engine, *, limit: int = 50) -> pd.DataFrame:
     """The newest runs (serving sessions, benchmarks), newest first."""
     with Session(engine) as session:
         rows = session.exec(select(Run).order_by(col(Run.id).desc()).limit(limit)).all()
-    return _frame(rows, ["id", "kind", "runtime", "checkpoint_path", "policy_name", "status", "started_at",
-                         "ended_at"])
+    return _frame(
+        rows, ["id", "kind", "runtime", "checkpoint_path", "policy_name", "status", "started_at", "ended_at"]
+    )
 
 
 def latest_run_id(engine: Engine, *, kind: str = "serve") -> int | None:
@@ -197,10 +195,16 @@ def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFram
     step had prefill tokens, else "decode") added."""
     with Session(engine) as session:
         start = _run_start(session, run_id)
-        rows = session.exec(select(StepRecord).where(StepRecord.run_id == run_id)
-                            .order_by(col(StepRecord.step).desc()).limit(last)).all()
-    df = pd.DataFrame([r.model_dump() for r in reversed(rows)],
-                      columns=[c for c in STEP_COLUMNS if c not in ("t_s", "phase")])
+        rows = session.exec(
+            select(StepRecord)
+            .where(StepRecord.run_id == run_id)
+            .order_by(col(StepRecord.step).desc())
+            .limit(last)
+        ).all()
+    df = pd.DataFrame(
+        [r.model_dump() for r in reversed(rows)],
+        columns=[c for c in STEP_COLUMNS if c not in ("t_s", "phase")],
+    )
     df["t_s"] = df["ts"] - start
     df["phase"] = ["prefill" if n > 0 else "decode" for n in df["num_prefill_tokens"]]
     return df[STEP_COLUMNS]
@@ -211,8 +215,12 @@ def requests_frame(engine: Engine, run_id: int, *, last: int = 1000) -> pd.DataF
     while running), `variant_mix` = {variant: share of its decode steps}."""
     with Session(engine) as session:
         start = _run_start(session, run_id)
-        rows = session.exec(select(RequestRecord).where(RequestRecord.run_id == run_id)
-                            .order_by(col(RequestRecord.id).desc()).limit(last)).all()
+        rows = session.exec(
+            select(RequestRecord)
+            .where(RequestRecord.run_id == run_id)
+            .order_by(col(RequestRecord.id).desc())
+            .limit(last)
+        ).all()
     records = []
     for r in reversed(rows):
         item = r.model_dump()
@@ -234,8 +242,11 @@ def request_record(engine: Engine, request_id: str) -> dict | None:
     """One request's telemetry (timings, tokens, `variant_mix` dict) by its id, or None if the
     runtime has not written it yet."""
     with Session(engine) as session:
-        row = session.exec(select(RequestRecord).where(RequestRecord.request_id == request_id)
-                           .order_by(col(RequestRecord.id).desc())).first()
+        row = session.exec(
+            select(RequestRecord)
+            .where(RequestRecord.request_id == request_id)
+            .order_by(col(RequestRecord.id).desc())
+        ).first()
     if row is None:
         return None
     item = row.model_dump()
@@ -248,8 +259,9 @@ def format_variant_mix(mix: dict) -> str:
     total = sum(float(v) for v in mix.values() if isinstance(v, int | float))
     if total <= 0:
         return ""
-    parts = sorted(((k, float(v) / total) for k, v in mix.items() if isinstance(v, int | float)),
-                   key=lambda kv: -kv[1])
+    parts = sorted(
+        ((k, float(v) / total) for k, v in mix.items() if isinstance(v, int | float)), key=lambda kv: -kv[1]
+    )
     return " · ".join(f"{k} {share:.0%}" for k, share in parts)
 
 
@@ -270,8 +282,12 @@ def checkpoint_info(engine: Engine, checkpoint_id: int) -> CheckpointInfo:
     ValueError if the checkpoint is unknown."""
     with Session(engine) as session:
         row = session.get(Checkpoint, checkpoint_id)
-        names = [v.name for v in session.exec(select(Variant).where(Variant.checkpoint_id == checkpoint_id)
-                                              .order_by(Variant.id))]
+        names = [
+            v.name
+            for v in session.exec(
+                select(Variant).where(Variant.checkpoint_id == checkpoint_id).order_by(Variant.id)
+            )
+        ]
     if row is None:
         raise ValueError(f"no checkpoint with id {checkpoint_id}; pick one from the list")
     num_layers, default = None, None

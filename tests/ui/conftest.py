@@ -34,16 +34,31 @@ def write_tiny_model(out_dir: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=272, max_position_embeddings=1024,
-                      bos_token_id=256, eos_token_id=257, pad_token_id=256, torch_dtype="bfloat16")
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=272,
+        max_position_embeddings=1024,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=256,
+        torch_dtype="bfloat16",
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out_dir)
     vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(out_dir)
     return out_dir
@@ -72,8 +87,13 @@ def app(tmp_path_factory) -> App:
     for key in ("FLEXQUANT_USERNAME", "FLEXQUANT_PASSWORD"):
         env.pop(key, None)
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "app.py", "--data-dir", str(data_dir), "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "app.py", "--data-dir", str(data_dir), "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     shots = Path(os.environ.get("FLEXQUANT_SCREENSHOT_DIR") or tmp_path_factory.mktemp("shots"))
     shots.mkdir(parents=True, exist_ok=True)

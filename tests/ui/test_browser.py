@@ -13,7 +13,6 @@ import re
 
 import pytest
 from playwright.sync_api import expect
-
 from uihelpers import REAL_MODEL, choose, free_port, shot
 
 pytestmark = pytest.mark.browser
@@ -28,8 +27,9 @@ def open_tab(page, name: str) -> None:
 
 def wait_job_done(page, app, job_id: int) -> None:
     row = page.locator(f"#fq-jobs tr[data-job-id='{job_id}']")
-    expect(row).to_have_attribute("data-status", re.compile("done|failed|cancelled|interrupted"),
-                                  timeout=JOB_TIMEOUT_MS)
+    expect(row).to_have_attribute(
+        "data-status", re.compile("done|failed|cancelled|interrupted"), timeout=JOB_TIMEOUT_MS
+    )
     status = row.get_attribute("data-status")
     assert status == "done", f"job {job_id} ended {status}: {row.inner_text()}\n{app.log_tail()}"
 
@@ -56,12 +56,15 @@ def test_add_model_quantize_and_evaluate(page, app):
     if REAL_MODEL:
         model = "smollm2-135m-instruct"
         page.locator("#fq-default-model").click()  # converts the embedded GGUF once (~1 min)
-        expect(page.locator("#fq-model-status")).to_contain_text(f"Default model {model} is registered",
-                                                                  timeout=JOB_TIMEOUT_MS)
+        expect(page.locator("#fq-model-status")).to_contain_text(
+            f"Default model {model} is registered", timeout=JOB_TIMEOUT_MS
+        )
     else:
         model = "tiny-base"
         page.locator("#fq-model-name input, #fq-model-name textarea").first.fill(model)
-        page.locator("#fq-model-path input, #fq-model-path textarea").first.fill(str(app.data_dir / "models" / model))
+        page.locator("#fq-model-path input, #fq-model-path textarea").first.fill(
+            str(app.data_dir / "models" / model)
+        )
         page.locator("#fq-model-add").click()
         expect(page.locator("#fq-model-status")).to_contain_text(f"Added {model}")
 
@@ -111,6 +114,16 @@ def test_start_runtime_and_chat(page, app):
     stats = page.locator("#fq-chat-stats").inner_text()
     assert re.search(r"TTFT \d+ ms · TPOT [\d.]+ ms · \d+ tokens · served by w4a16", stats), stats
     expect(page.locator("#fq-chatbot")).to_contain_text("TTFT")  # the footer under the reply
+    if REAL_MODEL:  # the tiny model finishes 1000 tokens before a click lands; SmolLM2 does not
+        page.get_by_role("button", name="Settings ▼").click()
+        fill_number(page, "fq-chat-max-tokens", 1000)
+        page.locator("#fq-chat-input textarea").fill("Write a very long story about a lighthouse.")
+        page.locator("#fq-chat-send").click()
+        expect(page.locator("#fq-chat-stats")).to_contain_text("streaming", timeout=60_000)
+        page.locator("#fq-chat-stop").click()
+        expect(page.locator("#fq-chat-stats")).to_contain_text("Stopped", timeout=30_000)
+        tokens = int(re.search(r"(\d+) tokens", page.locator("#fq-chat-stats").inner_text()).group(1))
+        assert tokens < 1000
     shot(app, page, "chat")
 
 
@@ -127,7 +140,9 @@ def test_edit_policy_and_see_it_live(page, app):
     page.keyboard.press("Delete")
     page.keyboard.insert_text(NEW_POLICY)
     page.keyboard.type(" ")  # one typed key: CodeMirror reports pasted text only with the next input
-    expect(page.locator("#fq-pol-verdict")).to_contain_text("Valid: policy prefill-w4a16 for checkpoint tiny-flex")
+    expect(page.locator("#fq-pol-verdict")).to_contain_text(
+        "Valid: policy prefill-w4a16 for checkpoint tiny-flex"
+    )
     expect(page.locator("#fq-pol-plot")).to_contain_text("prefill: w4a16")  # the picture follows the text
     page.locator("#fq-pol-save").click()
     expect(page.locator("#fq-pol-result")).to_contain_text("Saved policy prefill-w4a16")

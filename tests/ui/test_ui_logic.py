@@ -18,8 +18,12 @@ from workbench.ui.policy import form_to_policy_dict, policy_to_form, validate_po
 from workbench.views import CheckpointInfo
 
 ROOT = Path(__file__).resolve().parents[2]
-POLICY = Policy(name="p", prefill="w8a8", decode=[DecodeRule(max_batch=8, variant="w4a16"), DecodeRule(variant="w8a8")],
-                layers=[LayerRule(first=0, last=1, variant="w8a8")])
+POLICY = Policy(
+    name="p",
+    prefill="w8a8",
+    decode=[DecodeRule(max_batch=8, variant="w4a16"), DecodeRule(variant="w8a8")],
+    layers=[LayerRule(first=0, last=1, variant="w8a8")],
+)
 
 
 def test_form_round_trip():
@@ -29,12 +33,17 @@ def test_form_round_trip():
 
 
 def test_form_skips_empty_rows_and_reads_numbers_typed_as_text():
-    decode = pd.DataFrame([["4", "w4a16"], ["", ""], [float("nan"), "w8a8"]], columns=["max_batch", "variant"])
+    decode = pd.DataFrame(
+        [["4", "w4a16"], ["", ""], [float("nan"), "w8a8"]], columns=["max_batch", "variant"]
+    )
     layers = pd.DataFrame([["", "", ""], [" 2", "3.0", "w4a16"]], columns=["first", "last", "variant"])
     data = form_to_policy_dict(" q ", "w8a8", decode, layers)
-    assert data == {"name": "q", "prefill": "w8a8",
-                    "decode": [{"variant": "w4a16", "max_batch": 4}, {"variant": "w8a8"}],
-                    "layers": [{"first": 2, "last": 3, "variant": "w4a16"}]}
+    assert data == {
+        "name": "q",
+        "prefill": "w8a8",
+        "decode": [{"variant": "w4a16", "max_batch": 4}, {"variant": "w8a8"}],
+        "layers": [{"first": 2, "last": 3, "variant": "w4a16"}],
+    }
 
 
 def test_form_bad_number_names_the_cell():
@@ -74,8 +83,14 @@ def test_exposure_needs_credentials():
 
 def test_app_refuses_to_expose_itself_without_login(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FLEXQUANT_USERNAME", "FLEXQUANT_PASSWORD")}
-    result = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "app.py", "--host", "0.0.0.0", "--data-dir", str(tmp_path / "d")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "refusing to serve the workbench on host 0.0.0.0 without a login" in result.stderr
     assert not (tmp_path / "d").exists()  # refused before touching anything

@@ -37,17 +37,21 @@ __all__ = ["JOB_MODULES", "ExposureError", "build_app", "check_exposure", "main"
 JOB_MODULES = ["workbench.job_kinds"]
 CSS = """
 .fq-jobs {width: 100%; border-collapse: collapse; font-size: 0.9em}
-.fq-jobs th, .fq-jobs td {border-bottom: 1px solid #ddd; padding: 4px 6px; vertical-align: top; text-align: left}
+.fq-jobs th, .fq-jobs td {border-bottom: 1px solid #ddd; padding: 4px 6px; vertical-align: top;
+  text-align: left}
 .fq-bar {width: 140px; height: 12px; background: #eee; border-radius: 6px; overflow: hidden}
 .fq-bar > div {height: 100%}
-.fq-log {margin: 0; max-width: 420px; max-height: 5.5em; overflow: auto; white-space: pre-wrap; font-size: 0.8em}
+.fq-log {margin: 0; max-width: 420px; max-height: 5.5em; overflow: auto; white-space: pre-wrap;
+  font-size: 0.8em}
 .fq-status {font-weight: 600}
 """
 
 
 # System fonts only: the default theme fetches Google Fonts, which an offline or private host cannot reach.
-THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                       font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
+THEME = gr.themes.Soft(
+    font=["ui-sans-serif", "system-ui", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+)
 
 
 class ExposureError(ValueError):
@@ -63,7 +67,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str, share: bool, username: str | None, password: str | None) -> tuple[str, str] | None:
+def check_exposure(
+    host: str, share: bool, username: str | None, password: str | None
+) -> tuple[str, str] | None:
     """The (username, password) to require, or None on loopback without credentials.
 
     Raises `ExposureError` when the app would be exposed (non-loopback host or a share link) with
@@ -73,18 +79,26 @@ def check_exposure(host: str, share: bool, username: str | None, password: str |
         where = "a public share link" if share else f"host {host}"
         raise ExposureError(
             f"refusing to serve the workbench on {where} without a login: set FLEXQUANT_USERNAME and "
-            "FLEXQUANT_PASSWORD, or bind 127.0.0.1 (the default) and use an SSH tunnel")
+            "FLEXQUANT_PASSWORD, or bind 127.0.0.1 (the default) and use an SSH tunnel"
+        )
     return (username, password) if have else None
 
 
 def build_app(ctx: UIContext) -> gr.Blocks:
     """The Blocks app with its six tabs, wired to `ctx` (engine, settings, runtime slot)."""
     with gr.Blocks(title="FlexQuant Workbench") as demo:
-        gr.Markdown("## FlexQuant Workbench\nOne checkpoint, several quantized variants (W8A8, W4A16); a policy "
-                    f"picks the variant per engine step. Data: `{ctx.settings.data_dir}`")
-        tabs = [("Models & Jobs", build_models_jobs_tab), ("Runtime", build_runtime_tab),
-                ("Policy", build_policy_tab), ("Live", build_live_tab), ("Chat", build_chat_tab),
-                ("Compare", build_compare_tab)]
+        gr.Markdown(
+            "## FlexQuant Workbench\nOne checkpoint, several quantized variants (W8A8, W4A16); a policy "
+            f"picks the variant per engine step. Data: `{ctx.settings.data_dir}`"
+        )
+        tabs = [
+            ("Models & Jobs", build_models_jobs_tab),
+            ("Runtime", build_runtime_tab),
+            ("Policy", build_policy_tab),
+            ("Live", build_live_tab),
+            ("Chat", build_chat_tab),
+            ("Compare", build_compare_tab),
+        ]
         for title, build in tabs:
             with gr.Tab(title, id=title.split()[0].lower()) as tab:
                 hook = build(ctx)
@@ -99,10 +113,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flexquant-app", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="workbench data folder (DB, models, checkpoints, logs); default FLEXQUANT_DATA_DIR "
-                             f"or {defaults.data_dir}")
-    parser.add_argument("--share", action="store_true", help="create a public Gradio link (needs credentials)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="workbench data folder (DB, models, checkpoints, logs); default FLEXQUANT_DATA_DIR "
+        f"or {defaults.data_dir}",
+    )
+    parser.add_argument(
+        "--share", action="store_true", help="create a public Gradio link (needs credentials)"
+    )
     return parser.parse_args(argv)
 
 
@@ -128,13 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     worker: subprocess.Popen | None = None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        worker = start_worker(settings.db_path, settings.data_dir, JOB_MODULES,
-                              log_path=settings.logs_dir / "worker.log")
+        worker = start_worker(
+            settings.db_path, settings.data_dir, JOB_MODULES, log_path=settings.logs_dir / "worker.log"
+        )
         log.info("job worker started (pid %s), log %s", worker.pid, settings.logs_dir / "worker.log")
         demo = build_app(ctx)
         demo.queue(default_concurrency_limit=4)
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
-                    theme=THEME, show_error=True, allowed_paths=[])
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            auth=auth,
+            css=CSS,
+            theme=THEME,
+            show_error=True,
+            allowed_paths=[],
+        )
     except KeyboardInterrupt:
         pass
     finally:

@@ -62,8 +62,9 @@ def _for_model(history: list[dict]) -> list[dict]:
 def build_chat_tab(ctx: UIContext) -> None:
     """Create and wire the Chat tab inside the current `gr.Blocks`."""
     history = gr.State([])  # [{"role", "content", "footer"?}]: per browser session
-    chatbot = gr.Chatbot(label="Chat with the running model", height=420, elem_id="fq-chatbot",
-                         feedback_options=None)
+    chatbot = gr.Chatbot(
+        label="Chat with the running model", height=420, elem_id="fq-chatbot", feedback_options=None
+    )
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5, elem_id="fq-chat-input")
         send = gr.Button("Send", variant="primary", scale=1, elem_id="fq-chat-send")
@@ -71,7 +72,9 @@ def build_chat_tab(ctx: UIContext) -> None:
         clear = gr.Button("Clear", scale=1)
     with gr.Accordion("Settings", open=False):
         system = gr.Textbox("You are a helpful assistant.", label="System prompt")
-        max_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens", elem_id="fq-chat-max-tokens")
+        max_tokens = gr.Slider(
+            8, 1024, value=128, step=8, label="Max new tokens", elem_id="fq-chat-max-tokens"
+        )
         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature")
     last = gr.Markdown(elem_id="fq-chat-stats")
 
@@ -91,7 +94,9 @@ def build_chat_tab(ctx: UIContext) -> None:
             base_url = ctx.runtime.base_url()
         except Exception as exc:
             raise user_error(exc) from None
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt.strip() else []) + _for_model(hist)
+        messages = (
+            [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+        ) + _for_model(hist)
         answer = {"role": "assistant", "content": ""}
         hist = hist + [answer]
         stats, stopped = ChatStats(), False
@@ -114,8 +119,8 @@ def build_chat_tab(ctx: UIContext) -> None:
         yield hist, _with_footer(hist), f"{'Stopped' if stopped else 'Last reply'}: {answer['footer']}"
 
     gr.on([send.click, prompt.submit], add_user, [prompt, history], [prompt, history]).then(
-        _with_footer, history, chatbot).then(
-        reply, [history, system, max_tokens, temperature], [history, chatbot, last])
+        _with_footer, history, chatbot
+    ).then(reply, [history, system, max_tokens, temperature], [history, chatbot, last])
 
     def on_stop(request: gr.Request):
         stopping.add(request.session_hash or "")

@@ -27,12 +27,21 @@ log = logging.getLogger(__name__)
 __all__ = ["build_compare_tab", "parse_rates", "NUM_SIDES"]
 
 NUM_SIDES = 2
-SUMMARY_COLUMNS = ["policy", "rate", "requests", "errors", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms",
-                   "tpot_p90_ms", "output_tok_per_s"]
+SUMMARY_COLUMNS = [
+    "policy",
+    "rate",
+    "requests",
+    "errors",
+    "ttft_p50_ms",
+    "ttft_p90_ms",
+    "tpot_p50_ms",
+    "tpot_p90_ms",
+    "output_tok_per_s",
+]
 
 
 def parse_rates(text: str) -> list[float]:
-    """"0.5, 1, 2" -> [0.5, 1.0, 2.0]; ValueError naming the bad entry."""
+    """ "0.5, 1, 2" -> [0.5, 1.0, 2.0]; ValueError naming the bad entry."""
     rates = []
     for part in (text or "").replace(";", ",").split(","):
         if not part.strip():
@@ -75,19 +84,30 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
     refresh = gr.Button("Refresh policy lists (for the running checkpoint)")
     gr.Markdown("### Benchmark policies on one workload")
     with gr.Row():
-        chosen = gr.CheckboxGroup(names, value=names[:2], label="Policies (2 or more)", elem_id="fq-cmp-policies")
-        rates = gr.Textbox("0, 2", label="Loads (requests/s, comma-separated; 0 = back to back)",
-                           elem_id="fq-cmp-rates")
+        chosen = gr.CheckboxGroup(
+            names, value=names[:2], label="Policies (2 or more)", elem_id="fq-cmp-policies"
+        )
+        rates = gr.Textbox(
+            "0, 2", label="Loads (requests/s, comma-separated; 0 = back to back)", elem_id="fq-cmp-rates"
+        )
     with gr.Row():
-        count = gr.Number(4, precision=0, minimum=1, maximum=1000, label="Requests per run", elem_id="fq-cmp-count")
-        words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)", elem_id="fq-cmp-words")
-        tokens = gr.Number(8, precision=0, minimum=1, maximum=4096, label="Output length (tokens)", elem_id="fq-cmp-tokens")
+        count = gr.Number(
+            4, precision=0, minimum=1, maximum=1000, label="Requests per run", elem_id="fq-cmp-count"
+        )
+        words = gr.Number(
+            32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)", elem_id="fq-cmp-words"
+        )
+        tokens = gr.Number(
+            8, precision=0, minimum=1, maximum=4096, label="Output length (tokens)", elem_id="fq-cmp-tokens"
+        )
         conc = gr.Number(4, precision=0, minimum=1, maximum=256, label="Concurrency")
         limit = gr.Number(120, minimum=1, maximum=3600, label="Time limit per run (s)")
     run_btn = gr.Button("Run comparison", variant="primary", elem_id="fq-cmp-run")
     verdict = gr.Markdown(elem_id="fq-cmp-verdict")
     figure = gr.Plot(plots.compare_figure(pd.DataFrame()), label="TTFT / TPOT vs load", elem_id="fq-cmp-plot")
-    table = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label="Per policy and load", interactive=False)
+    table = gr.Dataframe(
+        pd.DataFrame(columns=SUMMARY_COLUMNS), label="Per policy and load", interactive=False
+    )
 
     def run(policy_names, rate_text, n, w, t, c, lim, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
         try:
@@ -96,17 +116,32 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
             missing = [p for p in policy_names or [] if p not in library]
             if missing:
                 raise ValueError(f"policies {missing} do not fit the running checkpoint; refresh the lists")
-            spec = LoadSpec(num_requests=int(n), prompt_words=int(w), max_tokens=int(t), concurrency=int(c),
-                            duration_s=float(lim))
+            spec = LoadSpec(
+                num_requests=int(n),
+                prompt_words=int(w),
+                max_tokens=int(t),
+                concurrency=int(c),
+                duration_s=float(lim),
+            )
             with _restoring_policy(ctx):
-                bench = compare_policies(base_url, [library[p] for p in policy_names or []],
-                                         parse_rates(rate_text), spec,
-                                         on_progress=lambda what, frac: progress(frac, desc=what))
+                bench = compare_policies(
+                    base_url,
+                    [library[p] for p in policy_names or []],
+                    parse_rates(rate_text),
+                    spec,
+                    on_progress=lambda what, frac: progress(frac, desc=what),
+                )
         except Exception as exc:
             raise user_error(exc) from None
         winner = plots.pick_winner(bench)
-        text = (f"**Winner on TPOT p50: {winner}** (lowest mean over the loads). "
-                f"Errors: {int(bench['errors'].sum())}.") if winner else "No successful requests."
+        text = (
+            (
+                f"**Winner on TPOT p50: {winner}** (lowest mean over the loads). "
+                f"Errors: {int(bench['errors'].sum())}."
+            )
+            if winner
+            else "No successful requests."
+        )
         top = bench["top_error"].dropna()
         if len(top):
             text += f"\n\nMost frequent error: {top.iloc[0]}"
@@ -119,14 +154,27 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
     with gr.Row():
         for i in range(NUM_SIDES):
             with gr.Column():
-                pickers.append(gr.Dropdown(names, value=names[min(i, len(names) - 1)],
-                                           label=f"Policy {'AB'[i]}", elem_id=f"fq-arena-policy-{i}"))
-                chatbots.append(gr.Chatbot(label=f"Side {'AB'[i]}", height=300, elem_id=f"fq-arena-chat-{i}",
-                                           feedback_options=None))
+                pickers.append(
+                    gr.Dropdown(
+                        names,
+                        value=names[min(i, len(names) - 1)],
+                        label=f"Policy {'AB'[i]}",
+                        elem_id=f"fq-arena-policy-{i}",
+                    )
+                )
+                chatbots.append(
+                    gr.Chatbot(
+                        label=f"Side {'AB'[i]}",
+                        height=300,
+                        elem_id=f"fq-arena-chat-{i}",
+                        feedback_options=None,
+                    )
+                )
                 stats.append(gr.Markdown(elem_id=f"fq-arena-stats-{i}"))
     with gr.Row():
-        prompt = gr.Textbox(placeholder="Same prompt to both sides…", show_label=False, scale=5,
-                            elem_id="fq-arena-input")
+        prompt = gr.Textbox(
+            placeholder="Same prompt to both sides…", show_label=False, scale=5, elem_id="fq-arena-input"
+        )
         send = gr.Button("Send to both", variant="primary", scale=1, elem_id="fq-arena-send")
         arena_tokens = gr.Slider(8, 512, value=64, step=8, label="Max new tokens", scale=2)
 
@@ -150,8 +198,9 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
                     answer = {"role": "assistant", "content": ""}
                     panes[i].append(answer)
                     final = ChatStats()
-                    for update in stream_chat(base_url, [{"role": "user", "content": text}],
-                                              max_tokens=int(n_tokens)):
+                    for update in stream_chat(
+                        base_url, [{"role": "user", "content": text}], max_tokens=int(n_tokens)
+                    ):
                         answer["content"], final = update.text, update.stats
                         yield "", *panes, *lines
                 except Exception as exc:
@@ -169,7 +218,8 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
         kept = [p for p in chosen_now or [] if p in library]
         sides = [p if p in library else library[min(i, len(library) - 1)] for i, p in enumerate(picked)]
         return gr.update(choices=library, value=kept if len(kept) >= 2 else library[:2]), *[
-            gr.update(choices=library, value=side) for side in sides]
+            gr.update(choices=library, value=side) for side in sides
+        ]
 
     refresh.click(refresh_lists, [chosen, *pickers], [chosen, *pickers])
     return TabHook(refresh_lists, [chosen, *pickers], [chosen, *pickers])

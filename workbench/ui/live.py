@@ -45,8 +45,12 @@ def live_figures(steps: pd.DataFrame, requests: pd.DataFrame, *, window_s: float
     if not steps.empty:
         steps = steps[steps["t_s"] >= steps["t_s"].max() - window_s]
     changes = plots.policy_change_points(steps)
-    return (plots.variant_timeline_figure(steps), plots.batch_composition_figure(steps),
-            plots.step_latency_figure(steps), plots.rolling_latency_figure(requests, changes=changes))
+    return (
+        plots.variant_timeline_figure(steps),
+        plots.batch_composition_figure(steps),
+        plots.step_latency_figure(steps),
+        plots.rolling_latency_figure(requests, changes=changes),
+    )
 
 
 def build_live_tab(ctx: UIContext) -> TabHook:
@@ -65,14 +69,32 @@ def build_live_tab(ctx: UIContext) -> TabHook:
 
     with gr.Accordion("Load generator (drives the running server)", open=True):
         with gr.Row():
-            rate = gr.Number(2.0, minimum=0, label="Rate (requests/s, 0 = as fast as concurrency allows)",
-                             elem_id="fq-load-rate")
-            prompt_words = gr.Number(32, precision=0, minimum=1, maximum=8192, label="Prompt length (words)",
-                                     elem_id="fq-load-words")
-            max_tokens = gr.Number(16, precision=0, minimum=1, maximum=4096, label="Output length (tokens)",
-                                   elem_id="fq-load-tokens")
+            rate = gr.Number(
+                2.0,
+                minimum=0,
+                label="Rate (requests/s, 0 = as fast as concurrency allows)",
+                elem_id="fq-load-rate",
+            )
+            prompt_words = gr.Number(
+                32,
+                precision=0,
+                minimum=1,
+                maximum=8192,
+                label="Prompt length (words)",
+                elem_id="fq-load-words",
+            )
+            max_tokens = gr.Number(
+                16,
+                precision=0,
+                minimum=1,
+                maximum=4096,
+                label="Output length (tokens)",
+                elem_id="fq-load-tokens",
+            )
             concurrency = gr.Number(4, precision=0, minimum=1, maximum=256, label="Concurrency")
-            count = gr.Number(20, precision=0, minimum=1, maximum=10000, label="Requests", elem_id="fq-load-count")
+            count = gr.Number(
+                20, precision=0, minimum=1, maximum=10000, label="Requests", elem_id="fq-load-count"
+            )
             duration = gr.Number(30, minimum=1, maximum=3600, label="Duration limit (s)")
         with gr.Row():
             go_btn = gr.Button("Start load", variant="primary", elem_id="fq-load-start")
@@ -82,15 +104,20 @@ def build_live_tab(ctx: UIContext) -> TabHook:
     def refresh(choice, window_s):
         run_id = _resolve_run(ctx, choice)
         if run_id is None:
-            figs = live_figures(views.steps_frame(ctx.engine, -1), views.requests_frame(ctx.engine, -1),
-                                window_s=float(window_s))
+            figs = live_figures(
+                views.steps_frame(ctx.engine, -1),
+                views.requests_frame(ctx.engine, -1),
+                window_s=float(window_s),
+            )
             return ("No run yet: start a runtime in the Runtime tab.", *figs)
         steps = views.steps_frame(ctx.engine, run_id)
         requests = views.requests_frame(ctx.engine, run_id)
         policy_now = steps["policy_name"].iloc[-1] if not steps.empty else "—"
         mix = steps["variant"].value_counts(normalize=True).to_dict() if not steps.empty else {}
-        text = (f"Run #{run_id}: {len(steps)} steps, {int(requests['ttft_ms'].notna().sum())} finished requests; "
-                f"policy now **{policy_now}**; variant share {views.format_variant_mix(mix) or '—'}")
+        text = (
+            f"Run #{run_id}: {len(steps)} steps, {int(requests['ttft_ms'].notna().sum())} finished requests; "
+            f"policy now **{policy_now}**; variant share {views.format_variant_mix(mix) or '—'}"
+        )
         return (text, *live_figures(steps, requests, window_s=float(window_s)))
 
     outputs = [summary, timeline, batch, latency, ttft]
@@ -104,8 +131,14 @@ def build_live_tab(ctx: UIContext) -> TabHook:
 
     def start_load(r, words, tokens, conc, n, dur):
         try:
-            spec = LoadSpec(rate=float(r), prompt_words=int(words), max_tokens=int(tokens), concurrency=int(conc),
-                            num_requests=int(n), duration_s=float(dur))
+            spec = LoadSpec(
+                rate=float(r),
+                prompt_words=int(words),
+                max_tokens=int(tokens),
+                concurrency=int(conc),
+                num_requests=int(n),
+                duration_s=float(dur),
+            )
             base_url = ctx.runtime.base_url()
             stop_event.clear()
             report = run_load(base_url, spec, stop=stop_event)
@@ -116,11 +149,13 @@ def build_live_tab(ctx: UIContext) -> TabHook:
         def ms(v):
             return "—" if v is None else f"{v:.0f} ms"
 
-        return (f"Sent {s['requests']} requests in {s['wall_s']:.1f} s ({s['errors']} errors): "
-                f"TTFT p50 {ms(s['ttft_p50_ms'])}, p90 {ms(s['ttft_p90_ms'])}; "
-                f"TPOT p50 {ms(s['tpot_p50_ms'])}, p90 {ms(s['tpot_p90_ms'])}; "
-                f"{s['output_tok_per_s']:.1f} output tokens/s"
-                + (f"\n\nMost frequent error: {s['top_error']}" if s["top_error"] else ""))
+        return (
+            f"Sent {s['requests']} requests in {s['wall_s']:.1f} s ({s['errors']} errors): "
+            f"TTFT p50 {ms(s['ttft_p50_ms'])}, p90 {ms(s['ttft_p90_ms'])}; "
+            f"TPOT p50 {ms(s['tpot_p50_ms'])}, p90 {ms(s['tpot_p90_ms'])}; "
+            f"{s['output_tok_per_s']:.1f} output tokens/s"
+            + (f"\n\nMost frequent error: {s['top_error']}" if s["top_error"] else "")
+        )
 
     go_btn.click(start_load, [rate, prompt_words, max_tokens, concurrency, count, duration], load_result)
     stop_btn.click(lambda: stop_event.set() or "Stopping…", None, load_result)

@@ -43,15 +43,20 @@ def _blank(value) -> bool:
 def policy_to_form(policy: Policy) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
     """(name, prefill variant, decode rules frame, layer rules frame) for the form widgets."""
     # Text cells: an empty max_batch (the catch-all rule) must stay empty, not become 0.
-    decode = pd.DataFrame([["" if r.max_batch is None else str(r.max_batch), r.variant] for r in policy.decode],
-                          columns=DECODE_COLUMNS)
-    layers = pd.DataFrame([[str(r.first), str(r.last), r.variant] for r in policy.layers], columns=LAYER_COLUMNS)
+    decode = pd.DataFrame(
+        [["" if r.max_batch is None else str(r.max_batch), r.variant] for r in policy.decode],
+        columns=DECODE_COLUMNS,
+    )
+    layers = pd.DataFrame(
+        [[str(r.first), str(r.last), r.variant] for r in policy.layers], columns=LAYER_COLUMNS
+    )
     return policy.name, policy.prefill, decode, layers
 
 
 def form_to_policy_dict(name: str, prefill: str, decode: pd.DataFrame, layers: pd.DataFrame) -> dict:
     """The policy dict the form describes; empty rows are skipped, an empty max_batch means
     "no limit" (the catch-all last rule). Validation is left to `policy_from_dict`."""
+
     def as_int(value, where: str):
         try:
             return int(float(value))
@@ -71,8 +76,13 @@ def form_to_policy_dict(name: str, prefill: str, decode: pd.DataFrame, layers: p
     for i, row in enumerate(layers.itertuples(index=False)):
         if all(_blank(v) for v in row):
             continue
-        overrides.append({"first": as_int(row[0], f"layer rule {i + 1} first"),
-                          "last": as_int(row[1], f"layer rule {i + 1} last"), "variant": str(row[2]).strip()})
+        overrides.append(
+            {
+                "first": as_int(row[0], f"layer rule {i + 1} first"),
+                "last": as_int(row[1], f"layer rule {i + 1} last"),
+                "variant": str(row[2]).strip(),
+            }
+        )
     return {"name": (name or "").strip(), "prefill": prefill, "decode": rules, "layers": overrides}
 
 
@@ -92,31 +102,56 @@ def build_policy_tab(ctx: UIContext) -> TabHook:
     """Create and wire the Policy tab inside the current `gr.Blocks`; returns its refresh hook."""
     name0, prefill0, decode0, layers0 = policy_to_form(DEFAULT_POLICY)
     with gr.Row():
-        ckpt = gr.Dropdown(checkpoint_choices(ctx), value=None, label="Check against checkpoint",
-                           elem_id="fq-pol-ckpt")
-        load = gr.Dropdown(list(views.policy_library(ctx.engine)), value=None, label="Load a policy",
-                           elem_id="fq-pol-load")
+        ckpt = gr.Dropdown(
+            checkpoint_choices(ctx), value=None, label="Check against checkpoint", elem_id="fq-pol-ckpt"
+        )
+        load = gr.Dropdown(
+            list(views.policy_library(ctx.engine)), value=None, label="Load a policy", elem_id="fq-pol-load"
+        )
     with gr.Row():
         with gr.Column():
             gr.Markdown("**Form**")
             name = gr.Textbox(name0, label="Name")
-            prefill = gr.Dropdown(["w8a8", "w4a16"], value=prefill0, label="Prefill variant (any step with prefill "
-                                  "tokens)", allow_custom_value=True, elem_id="fq-pol-prefill")
-            decode = gr.Dataframe(decode0, headers=DECODE_COLUMNS, datatype=["str", "str"], interactive=True,
-                                  label="Decode rules (first match on running decode requests; last: no max_batch)")
-            layers = gr.Dataframe(layers0, headers=LAYER_COLUMNS, datatype=["str", "str", "str"],
-                                  interactive=True, label="Per-layer overrides (optional)")
+            prefill = gr.Dropdown(
+                ["w8a8", "w4a16"],
+                value=prefill0,
+                label="Prefill variant (any step with prefill tokens)",
+                allow_custom_value=True,
+                elem_id="fq-pol-prefill",
+            )
+            decode = gr.Dataframe(
+                decode0,
+                headers=DECODE_COLUMNS,
+                datatype=["str", "str"],
+                interactive=True,
+                label="Decode rules (first match on running decode requests; last: no max_batch)",
+            )
+            layers = gr.Dataframe(
+                layers0,
+                headers=LAYER_COLUMNS,
+                datatype=["str", "str", "str"],
+                interactive=True,
+                label="Per-layer overrides (optional)",
+            )
         with gr.Column():
             gr.Markdown("**YAML**")
-            yaml_box = gr.Code(policy_to_yaml(DEFAULT_POLICY), language="yaml", label="Policy YAML",
-                               interactive=True, elem_id="fq-pol-yaml")
-            verdict = gr.Markdown(validate_policy_text(policy_to_yaml(DEFAULT_POLICY), None)[1],
-                                  elem_id="fq-pol-verdict")
+            yaml_box = gr.Code(
+                policy_to_yaml(DEFAULT_POLICY),
+                language="yaml",
+                label="Policy YAML",
+                interactive=True,
+                elem_id="fq-pol-yaml",
+            )
+            verdict = gr.Markdown(
+                validate_policy_text(policy_to_yaml(DEFAULT_POLICY), None)[1], elem_id="fq-pol-verdict"
+            )
             with gr.Row():
                 save_btn = gr.Button("Save policy", elem_id="fq-pol-save")
                 apply_btn = gr.Button("Apply to running runtime", variant="primary", elem_id="fq-pol-apply")
             result = gr.Markdown(elem_id="fq-pol-result")
-    picture = gr.Plot(plots.policy_figure(DEFAULT_POLICY), label="The policy as a picture", elem_id="fq-pol-plot")
+    picture = gr.Plot(
+        plots.policy_figure(DEFAULT_POLICY), label="The policy as a picture", elem_id="fq-pol-plot"
+    )
 
     def info_for(checkpoint_id) -> views.CheckpointInfo | None:
         if checkpoint_id is None:
@@ -144,8 +179,9 @@ def build_policy_tab(ctx: UIContext) -> TabHook:
     def from_form(form_name, form_prefill, form_decode, form_layers, checkpoint_id):
         info = info_for(checkpoint_id)
         try:
-            text = policy_to_yaml(policy_from_dict(form_to_policy_dict(form_name, form_prefill, form_decode,
-                                                                       form_layers)))
+            text = policy_to_yaml(
+                policy_from_dict(form_to_policy_dict(form_name, form_prefill, form_decode, form_layers))
+            )
         except PolicyError as exc:
             return f"**Invalid:** {exc}", gr.skip(), gr.skip()
         policy, message = validate_policy_text(text, info)
@@ -158,9 +194,12 @@ def build_policy_tab(ctx: UIContext) -> TabHook:
         info = info_for(checkpoint_id)
         variants = info.variants if info else ["w8a8", "w4a16"]
         policy, message = validate_policy_text(text, info)
-        return (gr.update(choices=variants), gr.update(choices=list(views.policy_library(ctx.engine,
-                                                                                          variants=variants))),
-                message, figure(policy, info))
+        return (
+            gr.update(choices=variants),
+            gr.update(choices=list(views.policy_library(ctx.engine, variants=variants))),
+            message,
+            figure(policy, info),
+        )
 
     ckpt.change(on_checkpoint, [ckpt, yaml_box], [prefill, load, verdict, picture])
 

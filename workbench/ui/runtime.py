@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 __all__ = ["build_runtime_tab", "status_markdown", "log_tail"]
 
 HEALTH_TIMEOUT_S = 600.0
-CPU_NOTE = ("**CPU reference runtime**: the same checkpoint and policy function, with dequantized weights on the "
-            "CPU. Variant switching and telemetry are real; speed is not what a GPU would show.")
+CPU_NOTE = (
+    "**CPU reference runtime**: the same checkpoint and policy function, with dequantized weights on the "
+    "CPU. Variant switching and telemetry are real; speed is not what a GPU would show."
+)
 
 
 def log_tail(path: Path | str | None, lines: int = 40) -> str:
@@ -43,14 +45,19 @@ def status_markdown(ctx: UIContext) -> str:
     if handle is None:
         return "**Stopped.** Pick a checkpoint and a policy, then start."
     if not handle.is_running():
-        return (f"**The server stopped unexpectedly** (exit code {handle.proc.returncode}); the log below says why. "
-                "Press Stop to clear, then start again.")
+        return (
+            f"**The server stopped unexpectedly** (exit code {handle.proc.returncode}); "
+            "the log below says why. "
+            "Press Stop to clear, then start again."
+        )
     if not slot.healthy:
         return f"**Starting** `{slot.checkpoint_name}` at {handle.base_url}… (loading weights)"
     runtime = getattr(handle, "runtime", "")
     policy = slot.policy.name if slot.policy else "?"
-    text = (f"**Running** `{slot.checkpoint_name}` at {handle.base_url} — runtime **{runtime or 'auto'}**, "
-            f"policy **{policy}**, run #{slot.run_id()}")
+    text = (
+        f"**Running** `{slot.checkpoint_name}` at {handle.base_url} — runtime **{runtime or 'auto'}**, "
+        f"policy **{policy}**, run #{slot.run_id()}"
+    )
     return text + ("\n\n" + CPU_NOTE if runtime == "cpu" else "")
 
 
@@ -64,7 +71,9 @@ def _memory(ctx: UIContext) -> pd.DataFrame:
         return pd.DataFrame(columns=["part", "bytes", "MiB"])
 
 
-def _policy_choices(ctx: UIContext, checkpoint_id, current: str | None = None) -> tuple[list[str], str | None]:
+def _policy_choices(
+    ctx: UIContext, checkpoint_id, current: str | None = None
+) -> tuple[list[str], str | None]:
     """Policy names fitting a checkpoint and the one to select: `current` if it still fits, else the
     checkpoint's default policy, else the first."""
     if checkpoint_id is None:
@@ -91,9 +100,13 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
         ckpt = gr.Dropdown(choices, value=first, label="Checkpoint (merged)", elem_id="fq-rt-ckpt", scale=2)
         names, chosen = _policy_choices(ctx, first)
         policy = gr.Dropdown(names, value=chosen, label="Policy", elem_id="fq-rt-policy", scale=2)
-        runtime = gr.Radio(["auto", "cpu", "vllm"], value="auto", label="Runtime", scale=1, elem_id="fq-rt-kind")
+        runtime = gr.Radio(
+            ["auto", "cpu", "vllm"], value="auto", label="Runtime", scale=1, elem_id="fq-rt-kind"
+        )
     with gr.Row():
-        port = gr.Number(value=8000, precision=0, minimum=1024, maximum=65535, label="Port", elem_id="fq-rt-port")
+        port = gr.Number(
+            value=8000, precision=0, minimum=1024, maximum=65535, label="Port", elem_id="fq-rt-port"
+        )
         gpu_mem = gr.Slider(0.1, 0.98, value=0.85, step=0.01, label="GPU memory fraction (vLLM)")
         tp = gr.Number(value=1, precision=0, minimum=1, maximum=8, label="Tensor-parallel size (vLLM)")
     with gr.Row():
@@ -101,8 +114,12 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
         stop_btn = gr.Button("Stop", variant="stop", elem_id="fq-rt-stop")
         refresh_btn = gr.Button("Refresh lists", elem_id="fq-rt-refresh")
     status = gr.Markdown(status_markdown(ctx), elem_id="fq-rt-status")
-    memory = gr.Dataframe(_memory(ctx), label="Resident weight memory per variant (GET /flexquant/stats)",
-                          interactive=False, elem_id="fq-rt-memory")
+    memory = gr.Dataframe(
+        _memory(ctx),
+        label="Resident weight memory per variant (GET /flexquant/stats)",
+        interactive=False,
+        elem_id="fq-rt-memory",
+    )
     logs = gr.Textbox(label="Server log (tail)", lines=12, max_lines=12, autoscroll=True, interactive=False)
 
     ckpt.change(lambda c: _policy_update(ctx, c), ckpt, policy)
@@ -111,7 +128,11 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
         fresh = checkpoint_choices(ctx)
         ids = [i for _, i in fresh]
         keep = checkpoint_id if checkpoint_id in ids else (ids[0] if ids else None)
-        return gr.update(choices=fresh, value=keep), _policy_update(ctx, keep, current_policy), status_markdown(ctx)
+        return (
+            gr.update(choices=fresh, value=keep),
+            _policy_update(ctx, keep, current_policy),
+            status_markdown(ctx),
+        )
 
     refresh_btn.click(refresh, [ckpt, policy], [ckpt, policy, status])
 
@@ -121,9 +142,14 @@ def build_runtime_tab(ctx: UIContext) -> TabHook:
                 raise ValueError("pick a checkpoint and a policy first")
             info = views.checkpoint_info(ctx.engine, int(checkpoint_id))
             chosen = views.policy_library(ctx.engine, variants=info.variants)[policy_name]
-            cfg = ServeConfig(checkpoint=info.path, policy=chosen, port=int(port_no),
-                              gpu_memory_utilization=float(mem_fraction), tensor_parallel_size=int(tp_size),
-                              runtime=runtime_kind)
+            cfg = ServeConfig(
+                checkpoint=info.path,
+                policy=chosen,
+                port=int(port_no),
+                gpu_memory_utilization=float(mem_fraction),
+                tensor_parallel_size=int(tp_size),
+                runtime=runtime_kind,
+            )
             slot = ctx.runtime
             with slot.lock:
                 if slot.handle is not None:
