@@ -77,7 +77,9 @@ def _check_manifest(folder: Path, report: CheckReport, verify_hashes: bool) -> N
     try:
         manifest = json.loads(path.read_text())
         listed = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        if not isinstance(listed, dict) or not all(isinstance(w, dict) for w in listed.values()):
+            raise TypeError("'files' must map file names to {size, sha256}")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         report.add(f"{fmt.MANIFEST_NAME} is not a valid manifest ({exc})")
         return
     for name, want in sorted(listed.items()):
@@ -92,8 +94,8 @@ def _check_manifest(folder: Path, report: CheckReport, verify_hashes: bool) -> N
         if verify_hashes:
             try:
                 got = hash_file(file)
-            except ValueError as exc:
-                report.add(str(exc))
+            except (ValueError, KeyError, TypeError) as exc:  # a damaged safetensors header
+                report.add(str(exc) if name in str(exc) else f"{name}: {exc}")
                 continue
             if got["sha256"] != want.get("sha256"):
                 changed = [
@@ -118,6 +120,25 @@ def check_checkpoint(path: Path, *, verify_hashes: bool = True) -> CheckReport:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         report.add(f"config.json does not parse: {exc}")
         return report
+    if not isinstance(config, dict):
+        report.add(f"config.json holds a JSON {type(config).__name__}, not the model's config object")
+        return report
+    try:
+        if not _check_config_and_tensors(folder, config, report):
+            return report
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as exc:
+        # The checks above read config fields as a valid HF config has them; a damaged config.json
+        # must still give a report, never an exception (this function's contract).
+        report.add(
+            f"config.json or a weights header has a missing or wrongly typed field ({type(exc).__name__}: "
+            f"{exc}); the layout could not be fully checked"
+        )
+    _check_manifest(folder, report, verify_hashes)
+    return report
+
+
+def _check_config_and_tensors(folder: Path, config: dict, report: CheckReport) -> bool:
+    """The config and tensor checks; False if the quant method is foreign (nothing more to check)."""
     report.num_layers = config.get("num_hidden_layers")
     report.files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     qcfg = config.get("quantization_config") or {}
@@ -139,7 +160,7 @@ def check_checkpoint(path: Path, *, verify_hashes: bool = True) -> CheckReport:
             f"config.json: quant_method is {method!r}; expected {fmt.QUANT_METHOD!r} (merged) "
             "or 'compressed-tensors' (single variant)"
         )
-        return report
+        return False
     if not variant_cfgs:
         report.add("config.json: quantization_config.variants is empty")
     report.variants = list(variant_cfgs) if report.kind == "merged" else []
@@ -157,8 +178,7 @@ def check_checkpoint(path: Path, *, verify_hashes: bool = True) -> CheckReport:
         else:
             report.add(msg)
     _check_tensors(folder, config, layouts, report)
-    _check_manifest(folder, report, verify_hashes)
-    return report
+    return True
 
 
 def _declared_tokenizer_less(folder: Path) -> bool:
