@@ -44,9 +44,17 @@ class RecordingReporter(Reporter):
             raise Cancelled()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while these tests run (the 2 cores are shared), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
     return make_tiny_source_model(tmp_path_factory.mktemp("src") / "tiny")
 
 
@@ -167,9 +175,8 @@ def test_smollm2_quantize_merge_export_generate(default_model_dir, tmp_path):
     """The real model end to end: quantize -> merge -> check -> export -> load -> generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(2)
     reporter = RecordingReporter()
-    recipe = QuantRecipe(num_samples=16, seq_len=256)
+    recipe = QuantRecipe(num_samples=8, seq_len=256)
     out = quantize_and_merge(
         default_model_dir, tmp_path / "smol", recipe, reporter=reporter, work_dir=tmp_path / "work"
     )

@@ -207,8 +207,14 @@ def quantize_variant(
 
     spec = VARIANT_SPECS[variant]
     scheme = variant_scheme(variant, group_size)
-    modifier_cls = GPTQModifier if spec.algorithm == "gptq" else QuantizationModifier
-    modifier = modifier_cls(config_groups={"group_0": scheme}, ignore=list(IGNORED_MODULES))
+    kwargs = dict(config_groups={"group_0": scheme}, ignore=list(IGNORED_MODULES))
+    if spec.algorithm == "gptq":
+        # On a CPU the GPTQ column loop (Python overhead per column) dominates, not the matmuls;
+        # solving same-shape linears together (q+o, k+v, gate+up) cuts ~15% of a variant's time.
+        # llmcompressor's "auto" batches only on CUDA (it sizes batches from free GPU memory).
+        modifier = GPTQModifier(**kwargs, batched_quantization="auto" if torch.cuda.is_available() else 4)
+    else:
+        modifier = QuantizationModifier(**kwargs)
     model = _load(model_dir)
     progress = (
         _LayerProgress(model, reporter, f"quantize {variant}", lo, lo + (hi - lo) * 0.9) if reporter else None
@@ -233,6 +239,31 @@ def quantize_variant(
             "workbench.quant.recipe.variant_quant_config; update variant_scheme to match this llmcompressor"
         )
     return Path(out_dir)
+
+
+def _in_features(model_dir: Path) -> list[int]:
+    """Input sizes of the model's quantized linears, from a weightless (meta device) instance."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        return quantized_in_features(AutoModelForCausalLM.from_config(config))
+
+
+def _choose_group_sizes(recipe: QuantRecipe, in_features: list[int]) -> tuple[dict, list[str]]:
+    """Group size per variant (None where ungrouped) and a note for each one lowered to fit."""
+    group_sizes, notes = {}, []
+    for v in recipe.variants:
+        group_sizes[v] = None
+        if VARIANT_SPECS[v].grouped:
+            group_sizes[v] = choose_group_size(recipe.w4a16_group_size, in_features)
+            if group_sizes[v] != recipe.w4a16_group_size:
+                bad = sorted({d for d in in_features if d % recipe.w4a16_group_size})
+                notes.append(
+                    f"{v}: group size {group_sizes[v]} instead of {recipe.w4a16_group_size}, because "
+                    f"input dimension(s) {bad} are not multiples of {recipe.w4a16_group_size}"
+                )
+    return group_sizes, notes
 
 
 def quantize_and_merge(
@@ -261,22 +292,9 @@ def quantize_and_merge(
     t0 = time.monotonic()
     reporter.update("load", 0.0, f"loading {source_dir.name}")
     tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
-    model = _load(source_dir)
-    in_features = quantized_in_features(model)
-    del model
-    gc.collect()
-    group_sizes, notes = {}, []
-    for v in recipe.variants:
-        group_sizes[v] = None
-        if VARIANT_SPECS[v].grouped:
-            group_sizes[v] = choose_group_size(recipe.w4a16_group_size, in_features)
-            if group_sizes[v] != recipe.w4a16_group_size:
-                bad = sorted({d for d in in_features if d % recipe.w4a16_group_size})
-                notes.append(
-                    f"{v}: group size {group_sizes[v]} instead of {recipe.w4a16_group_size}, because "
-                    f"input dimension(s) {bad} are not multiples of {recipe.w4a16_group_size}"
-                )
-                reporter.log(notes[-1])
+    group_sizes, notes = _choose_group_sizes(recipe, _in_features(source_dir))
+    for note in notes:
+        reporter.log(note)
     timings["load"] = time.monotonic() - t0
     reporter.update("calibration", LOAD_END, "tokenizing calibration text")
     reporter.check_cancelled()
@@ -328,15 +346,12 @@ def quantize_and_merge(
         "recipe": recipe.model_dump(),
         "calibration": calib,
         "versions": tool_versions(),
+        "compute_dtype": str(compute_dtype()).removeprefix("torch."),
         "group_sizes": group_sizes,
         "notes": notes,
         "variants": {
-            v: {
-                "scheme": VARIANT_SPECS[v].preset,
-                "algorithm": VARIANT_SPECS[v].algorithm,
-                "group_size": group_sizes[v],
-            }
-            for v in recipe.variants
+            v: {"scheme": VARIANT_SPECS[v].preset, "algorithm": VARIANT_SPECS[v].algorithm, "group_size": g}
+            for v, g in group_sizes.items()
         },
         "timings_s": {k: round(x, 2) for k, x in timings.items()},
         "peak_rss_bytes": _peak_rss_bytes(),
