@@ -166,6 +166,8 @@ def parse_policy(text: str) -> Policy:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError(f"policy is not valid YAML/JSON: {exc}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: "[[[[..." under the size limit
+        raise PolicyError(f"policy nests deeper than {MAX_NESTING} levels") from None
     if not isinstance(data, dict):
         raise PolicyError("policy must be a mapping with keys name, prefill, decode (and optional layers)")
     if _depth(data) > MAX_NESTING:
