@@ -54,10 +54,12 @@ def validate_quantize(params: dict, engine: Engine) -> dict:
     if find_checkpoint(engine, name=name) is not None:
         raise ValueError(f"a checkpoint named {name!r} already exists; choose another name")
     recipe = parse_recipe(params.get("recipe"))
-    if recipe.calibration_path and not Path(recipe.calibration_path).is_file():
-        raise ValueError(
-            f"calibration file {recipe.calibration_path} does not exist; give a .txt or .jsonl file"
-        )
+    if recipe.calibration_path:
+        from workbench.textdata import read_text_file
+
+        # Read it now (size-capped): an empty, binary or oversized file is refused before a job is
+        # queued, with the file and line at fault, instead of failing minutes later in the worker.
+        read_text_file(Path(recipe.calibration_path))
     return {"model": model.name, "checkpoint": name, "recipe": recipe.model_dump()}
 
 
