@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ __all__ = [
     "hash_file",
     "natural_key",
     "publishing",
+    "remove_stale_temp_dirs",
     "tool_versions",
     "read_safetensors_header",
     "tensor_index",
@@ -72,7 +74,9 @@ def publishing(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; pick another checkpoint name or delete that folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temp_dirs(out_dir.parent)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{owner}-", dir=out_dir.parent))
     try:
         yield tmp
         if out_dir.exists():  # someone published the same name while we were writing
@@ -81,6 +85,29 @@ def publishing(out_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(folder: Path) -> list[Path]:
+    """Delete temp folders that `publishing` left in `folder` when its process was killed (SIGKILL,
+    OOM, power loss: its `finally` never ran). Only folders of dead processes on this host go; a
+    publish in progress (live pid) or another host's (shared data dir) is never touched."""
+    removed = []
+    host = socket.gethostname()
+    for path in Path(folder).glob(".*.tmp-*"):
+        match = re.search(r"\.tmp-(.+)-(\d+)-[^-]+$", path.name)
+        if not match or match.group(1) != host or not path.is_dir():
+            continue
+        pid = int(match.group(2))
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): still publishing
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 class ShardWriter:
