@@ -114,8 +114,11 @@ def create_app(engine: CpuEngine, *, model_name: str, run_id: int | None = None,
             else:
                 raise PolicyError('send {"policy": {...}} (a policy mapping or its YAML text)')
             step = engine.set_policy(policy)
-        except (PolicyError, json.JSONDecodeError) as exc:
+        except (PolicyError, ValueError) as exc:  # ValueError: a body that is not JSON or not UTF-8
             message = f"policy rejected, the old one stays: {exc}"
+            return JSONResponse(status_code=400, content={"error": message})
+        except RecursionError:  # json.loads on "[[[[..." thousands deep
+            message = "policy rejected, the old one stays: the JSON body nests too deeply to be a policy"
             return JSONResponse(status_code=400, content={"error": message})
         log.info("policy %s applies from step %d", policy.name, step)
         return JSONResponse({"applied_at_step": step, "policy": policy.name})
