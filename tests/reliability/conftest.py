@@ -194,6 +194,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", name="free_port")
+def free_port_fixture():
+    """`free_port` as a fixture (test modules cannot import conftest without a second recorder)."""
+    return free_port
+
+
 @pytest.fixture(scope="session")
 def chat_checkpoint(tmp_path_factory) -> Path:
     """A tiny random merged W8A8+W4A16 checkpoint (tiny-llama shapes) with a BPE tokenizer and a chat
