@@ -185,3 +185,110 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
                        f"{len(killed)} / {sum(rows[i['job']].status == 'done' for i in killed.values())}")
     job_log_files = sorted((data / "logs" / "jobs").glob("job-*-attempt-*.log"))
     reliability.figure("faults", "per-attempt job log files kept", len(job_log_files))
+
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def test_serving_process_killed_mid_stream_then_restarted(tmp_path, chat_checkpoint, free_port, reliability):
+    from workbench.chat_client import ChatError, chat_once, stream_chat
+    from workbench.policy import DEFAULT_POLICY
+    from workbench.runtime.serve import ServeConfig, start_server
+    from workbench.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    engine = open_db(settings.db_path)
+    cfg = ServeConfig(checkpoint=chat_checkpoint, policy=DEFAULT_POLICY, port=free_port(), cpu_threads=1)
+    first = start_server(cfg, engine=engine, settings=settings)
+    second = None
+    try:
+        first.wait_healthy(300)
+        deltas, error = [], None
+        try:
+            for update in stream_chat(first.base_url, HELLO, max_tokens=3000):
+                assert not update.done, "the reply finished before the kill; use a longer one"
+                deltas.append(update.delta)
+                if len(deltas) == 5:
+                    os.killpg(first.pid, signal.SIGKILL)  # the server's whole process group
+        except ChatError as exc:
+            error = str(exc)
+        first.proc.wait(timeout=30)
+        with Session(engine) as s:
+            from storage.models import Run
+
+            run_status = s.get(Run, first.run_id).status
+        with reliability.case("faults", "CPU server SIGKILLed mid-stream", fault="SIGKILL server group") as case:
+            case.detail = (f"client got {len(deltas)} chunks, then: {error}; server exit {first.proc.returncode}; "
+                           f"its Run row left as {run_status!r} until the handle is stopped")
+            assert error is not None and "cannot reach the model server" in error
+            assert len(deltas) >= 5 and not first.is_running()
+        t0 = time.monotonic()
+        second = start_server(cfg, engine=engine, settings=settings)  # same port, same checkpoint
+        second.wait_healthy(300)
+        restart_s = time.monotonic() - t0
+        text, stats = chat_once(second.base_url, HELLO, max_tokens=16)
+        with reliability.case("faults", "CPU server restarted on the same port after the kill") as case:
+            case.detail = (f"healthy after {restart_s:.1f} s; a new chat got {stats.output_tokens} tokens "
+                           f"(TTFT {stats.ttft_ms:.0f} ms); DB integrity {integrity(settings.db_path)}")
+            assert stats.output_tokens > 0 and text
+            assert integrity(settings.db_path) == "ok"
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: room for a folder, not for a checkpoint. Skips where mounting is not allowed."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_source, chat_checkpoint, small_disk, reliability):
+    from workbench.quant.export import export_variant
+
+    # 1. the quantize job, its checkpoints/ folder on the full disk
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "checkpoints").symlink_to(small_disk)
+    engine = open_db(data / "workbench.db")
+    add_model(engine, name="tiny", path=tiny_source)
+    import workbench.job_kinds  # noqa: F401
+
+    job = queue.submit(engine, "quantize", {"model": "tiny", "checkpoint": "no-room", "recipe": RECIPE})
+    worker = spawn_worker(data, tmp_path / "worker.log", once=True)
+    try:
+        assert worker.wait(timeout=420) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    row = queue.get_job(engine, job.id)
+    with Session(engine) as s:
+        n_ckpt = s.exec(select(func.count()).select_from(Checkpoint)).one()
+    with reliability.case("faults", "disk full while the quantize job writes the merged checkpoint",
+                          fault="checkpoints/ on a 64 KiB tmpfs") as case:
+        case.detail = (f"job {row.status}: {row.error}; left on the full disk: {sorted(os.listdir(small_disk))}; "
+                       f"Checkpoint rows {n_ckpt}; work dir removed: {not Path(row.work_dir).exists()}")
+        assert row.status == "failed" and "No space left on device" in row.error
+        assert os.listdir(small_disk) == [] and n_ckpt == 0 and not Path(row.work_dir).exists()
+    engine.dispose()
+
+    # 2. exporting one variant (the single-variant checkpoint for stock runtimes) onto the full disk
+    with reliability.case("faults", "disk full while exporting a single-variant checkpoint",
+                          fault="out_dir on a 64 KiB tmpfs") as case:
+        with pytest.raises(Exception) as err:  # noqa: B017 - whatever the writer raises, it must say why
+            export_variant(chat_checkpoint, "w4a16", small_disk / "w4a16-only")
+        case.detail = f"{type(err.value).__name__}: {err.value}; left on the disk: {sorted(os.listdir(small_disk))}"
+        assert "No space left on device" in str(err.value)
+        assert os.listdir(small_disk) == []
