@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     password: str | None = None
     # Python of the serving environment (vLLM pins clash with llmcompressor's; see README).
     vllm_python: str | None = None
+    # Convert and register the embedded SmolLM2 when the app starts (once; ~1 min on 2 cores).
+    prepare_default_model: bool = True
     heartbeat_s: float = 2.0
     stale_after_s: float = 15.0
 

@@ -83,7 +83,8 @@ def app(tmp_path_factory) -> App:
         write_tiny_model(data_dir / "models" / "tiny-base")
     port = free_port()
     log_path = data_dir / "app.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The tests add the models they need; converting SmolLM2 at start would only cost CPU here.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLEXQUANT_PREPARE_DEFAULT_MODEL="0")
     for key in ("FLEXQUANT_USERNAME", "FLEXQUANT_PASSWORD"):
         env.pop(key, None)
     with open(log_path, "wb") as log_file:

@@ -14,6 +14,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -21,6 +22,7 @@ import gradio as gr
 from jobs.registry import import_kind_modules
 from jobs.worker import start_worker
 from storage.db import open_db
+from workbench.default_model import ensure_default_model
 from workbench.settings import Settings, get_settings
 from workbench.ui.chat import build_chat_tab
 from workbench.ui.common import UIContext
@@ -131,6 +133,15 @@ def _raise_keyboard_interrupt(signum, frame) -> None:  # noqa: ANN001 - signal h
     raise KeyboardInterrupt
 
 
+def _prepare_default_model(ctx: UIContext) -> None:
+    """First start: convert the embedded SmolLM2 once (~1 min) while the UI is already up."""
+    try:
+        row = ensure_default_model(ctx.engine, ctx.settings)
+        log.info("default model %r ready at %s", row.name, row.path)
+    except Exception as exc:  # noqa: BLE001 - the app stays useful; the Models tab can retry
+        log.warning("could not prepare the embedded default model: %s (Models tab: add it again)", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the workbench app until interrupted; returns the process exit code."""
     args = parse_args(argv)
@@ -145,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = open_db(settings.db_path)
     import_kind_modules(JOB_MODULES)  # submit() validates params with the kinds' own hooks
     ctx = UIContext(engine=engine, settings=settings)
+    if settings.prepare_default_model:
+        threading.Thread(target=_prepare_default_model, args=(ctx,), name="default-model", daemon=True).start()
     worker: subprocess.Popen | None = None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
