@@ -19,6 +19,7 @@ pytestmark = pytest.mark.browser
 
 # SmolLM2's quantize job takes minutes on two shared cores; the tiny model's takes seconds.
 JOB_TIMEOUT_MS = 2_400_000 if REAL_MODEL else 300_000
+CKPT = "smollm2-flex" if REAL_MODEL else "tiny-flex"
 NEW_POLICY = "name: prefill-w4a16\nprefill: w4a16\ndecode:\n- variant: w8a8\n"
 
 
@@ -70,7 +71,7 @@ def test_add_model_quantize_and_evaluate(page, app):
         expect(page.locator("#fq-model-status")).to_contain_text(f"Added {model}")
 
     choose(page, "fq-src-model", model)  # the list refreshed itself from the DB
-    page.locator("#fq-ckpt-name input, #fq-ckpt-name textarea").first.fill("tiny-flex")
+    page.locator("#fq-ckpt-name input, #fq-ckpt-name textarea").first.fill(CKPT)
     fill_number(page, "fq-samples", 8)
     fill_number(page, "fq-seq-len", 64)
     page.locator("#fq-submit").click()
@@ -78,7 +79,7 @@ def test_add_model_quantize_and_evaluate(page, app):
     expect(page.locator("#fq-jobs tr[data-job-id='1'] .fq-bar")).to_be_visible()
     wait_job_done(page, app, 1)
 
-    choose(page, "fq-open-ckpt", "tiny-flex")
+    choose(page, "fq-open-ckpt", CKPT)
     expect(page.get_by_text("w4a16").first).to_be_visible()
     fill_number(page, "fq-eval-docs", 4)  # a policy target decodes token by token: keep it short
     fill_number(page, "fq-eval-seq", 128)
@@ -95,7 +96,7 @@ def test_add_model_quantize_and_evaluate(page, app):
 
 def test_start_runtime_and_chat(page, app):
     open_tab(page, "Runtime")
-    choose(page, "fq-rt-ckpt", "tiny-flex")
+    choose(page, "fq-rt-ckpt", CKPT)
     expect(page.locator("#fq-rt-policy input")).to_have_value("pd-batch-aware")
     page.locator("#fq-rt-kind").get_by_text("cpu", exact=True).click()
     fill_number(page, "fq-rt-port", free_port())
@@ -103,10 +104,10 @@ def test_start_runtime_and_chat(page, app):
     expect(page.locator("#fq-rt-status")).to_contain_text("Running", timeout=180_000)
     expect(page.locator("#fq-rt-status")).to_contain_text("CPU reference runtime")
     expect(page.locator("#fq-rt-memory")).to_contain_text("w4a16", timeout=15_000)
+    shot(app, page, "runtime")
     page.locator("#fq-rt-start").click()  # a second server is refused, plainly
     expect(page.locator("#fq-rt-status")).to_contain_text("Could not start: a runtime is already running")
     expect(page.locator("#fq-rt-status")).to_contain_text("Running", timeout=10_000)  # the poll restores it
-    shot(app, page, "runtime")
 
     open_tab(page, "Chat")
     page.locator("#fq-chat-input textarea").fill("Hello, who are you?")
@@ -144,7 +145,7 @@ def test_edit_policy_and_see_it_live(page, app):
     page.keyboard.insert_text(NEW_POLICY)
     page.keyboard.type(" ")  # one typed key: CodeMirror reports pasted text only with the next input
     expect(page.locator("#fq-pol-verdict")).to_contain_text(
-        "Valid: policy prefill-w4a16 for checkpoint tiny-flex"
+        f"Valid: policy prefill-w4a16 for checkpoint {CKPT}"
     )
     expect(page.locator("#fq-pol-plot")).to_contain_text("prefill: w4a16")  # the picture follows the text
     page.locator("#fq-pol-save").click()

@@ -34,6 +34,11 @@ def choose(page, elem_id: str, text: str, attempts: int = 3) -> None:
 
 
 def shot(app, page, name: str) -> Path:
+    """Screenshot of the whole page, without leftover error toasts of earlier steps."""
+    for close in page.get_by_role("button", name="Close", exact=True).all():
+        if close.is_visible():
+            close.click()
+    page.wait_for_timeout(300)
     path = app.shots / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
