@@ -155,6 +155,18 @@ def _depth(obj: object, level: int = 0) -> int:
     return level
 
 
+def _bracket_depth(text: str) -> int:
+    """Deepest [ / { nesting of the text (quotes ignored: policy names and variants hold no brackets)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def parse_policy(text: str) -> Policy:
     """Parse YAML or JSON text into a validated `Policy`, or raise `PolicyError` saying what is wrong."""
     if len(text.encode("utf-8", "replace")) > MAX_POLICY_BYTES:
@@ -162,6 +174,9 @@ def parse_policy(text: str) -> Policy:
     # Aliases are how "billion laughs" YAML bombs expand; a policy never needs them.
     if re.search(r"(^|[\s\[{,])[&*][A-Za-z0-9_]", text):
         raise PolicyError("YAML anchors/aliases (& and *) are not allowed in a policy")
+    if _bracket_depth(text) > MAX_NESTING:
+        # Before PyYAML sees it: its scanner is quadratic on "[[[[..." (1,500 levels: ~4 s of CPU).
+        raise PolicyError(f"policy nests deeper than {MAX_NESTING} levels")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
