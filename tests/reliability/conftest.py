@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import re
 import socket
 import sys
 import tempfile
@@ -144,9 +145,12 @@ class Recorder:
         return target
 
 
+_TMP_ROOT = re.compile(re.escape(tempfile.gettempdir()) + r"/pytest-of-[^/]+/pytest-\d+/")
+
+
 def _cell(text: object) -> str:
-    # One table cell: no line breaks or pipes, bounded length.
-    value = " ".join(str(text).split()).replace("|", "\\|")
+    # One table cell: no line breaks or pipes, pytest's temp root shortened, bounded length.
+    value = _TMP_ROOT.sub("<tmp>/", " ".join(str(text).split())).replace("|", "\\|")
     return value if len(value) <= 300 else value[:297] + "..."
 
 

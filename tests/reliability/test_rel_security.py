@@ -70,23 +70,32 @@ def test_no_dangerous_calls_in_the_source(reliability):
     assert len(files) > 50  # the walk found the project, not an empty folder
 
 
-def test_model_loading_never_runs_code_from_a_model_folder(tmp_path, reliability):
-    """A folder with an `auto_map` (remote code) config and a pickle is refused before any load."""
-    from workbench.models import ModelError, inspect_model_dir
+def test_model_loading_never_runs_code_from_a_model_folder(tmp_path, tiny_source, reliability):
+    """A valid Llama folder that also carries remote code (`auto_map` + modeling_*.py) and a malicious
+    pickle: registering it and loading it the way the quantize job does runs neither."""
+    from transformers import AutoTokenizer
 
-    folder = tmp_path / "evil"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["EvilForCausalLM"], "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"},
-        "num_hidden_layers": 1, "hidden_size": 8}))
-    (folder / "modeling_evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')\n")
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-    with reliability.case("security", "model folder with remote code (auto_map) and a pickle",
-                          fault="modeling_*.py that writes a file + pytorch_model.bin") as row:
-        with pytest.raises(ModelError) as err:
-            inspect_model_dir(folder)
-        row.detail = str(err.value)
-        assert not (tmp_path / "pwned").exists()
+    from workbench.models import inspect_model_dir
+    from workbench.quant.factory import _load
+
+    folder, marker = tmp_path / "evil", tmp_path / "pwned"
+    shutil.copytree(tiny_source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'a').write('import ran\\n')\n")
+    # A protocol-0 pickle that calls os.system when unpickled (never is: safetensors win, and .bin is
+    # never loaded with pickle by the workbench).
+    (folder / "pytorch_model.bin").write_bytes(f"cos\nsystem\n(S'echo pickle ran >> {marker}'\ntR.".encode())
+    with reliability.case("security", "valid Llama folder with remote code (auto_map) and a malicious pickle",
+                          fault="modeling_evil.py + pytorch_model.bin that write a marker file") as row:
+        info = inspect_model_dir(folder)
+        model = _load(folder)  # what the quantize job calls
+        AutoTokenizer.from_pretrained(str(folder))
+        row.detail = (f"registered as {info.architecture} ({info.weight_files}); loaded "
+                      f"{type(model).__name__} and its tokenizer; marker file written: {marker.exists()}")
+        assert not marker.exists()
+        assert type(model).__name__ == "LlamaForCausalLM"
 
 
 @pytest.mark.parametrize("kind", ["absolute outside", "dot-dot escape", "symlink escape", "symlinked root"])
