@@ -68,8 +68,9 @@ def poll(db: str, stop_file: str, out: str) -> None:
         latencies.append((time.perf_counter() - t0) * 1000)
         polls += 1
         time.sleep(0.02)
-    Path(out).write_text(json.dumps({"polls": polls, "errors": errors, "latencies_ms": latencies,
-                                     "max_seen": max_seen}))
+    Path(out).write_text(
+        json.dumps({"polls": polls, "errors": errors, "latencies_ms": latencies, "max_seen": max_seen})
+    )
 
 
 if __name__ == "__main__":

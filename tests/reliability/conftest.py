@@ -118,13 +118,20 @@ class Recorder:
             lines += ["", f"## {title}", ""]
             rows = [r for r in self.rows if r.section == key]
             if key == "bad_input" and rows:
-                lines += ["| # | category | input | error message the user gets | held |", "|---:|---|---|---|---|"]
+                lines += [
+                    "| # | category | input | error message the user gets | held |",
+                    "|---:|---|---|---|---|",
+                ]
                 for i, r in enumerate(rows, 1):
-                    lines.append(f"| {i} | {r.category} | {_cell(r.case)} | {_cell(r.detail)} | {_mark(r.ok)} |")
+                    lines.append(
+                        f"| {i} | {r.category} | {_cell(r.case)} | {_cell(r.detail)} | {_mark(r.ok)} |"
+                    )
             elif rows:
                 lines += ["| case | fault injected | observed | held |", "|---|---|---|---|"]
                 for r in rows:
-                    lines.append(f"| {_cell(r.case)} | {_cell(r.fault) or '-'} | {_cell(r.detail)} | {_mark(r.ok)} |")
+                    lines.append(
+                        f"| {_cell(r.case)} | {_cell(r.fault) or '-'} | {_cell(r.detail)} | {_mark(r.ok)} |"
+                    )
             if self.figures.get(key):
                 lines += ["", "| figure | value |", "|---|---|"]
                 lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in self.figures[key]]
@@ -226,3 +233,36 @@ def tiny_source(tmp_path_factory) -> Path:
     from workbench.quant.synthetic import make_tiny_source_model
 
     return make_tiny_source_model(tmp_path_factory.mktemp("source") / "tiny")
+
+
+@dataclass
+class SharedServer:
+    """The CPU reference server the bad-input and load tests share (one start-up, ~15 s, not two)."""
+
+    handle: object  # workbench.runtime.serve.ServerHandle
+    data: Path  # its data dir (DB, logs)
+
+
+@pytest.fixture(scope="session")
+def cpu_server(tmp_path_factory, chat_checkpoint) -> Iterator[SharedServer]:
+    """A CPU server on loopback serving `chat_checkpoint` with the default policy, its DB in a fresh
+    data dir. Tests must leave its policy as they found it."""
+    from storage.db import open_db
+    from workbench.policy import DEFAULT_POLICY
+    from workbench.runtime.serve import ServeConfig, start_server
+    from workbench.settings import Settings
+
+    data = tmp_path_factory.mktemp("served") / "data"
+    settings = Settings(data_dir=data)
+    settings.ensure_dirs()
+    engine = open_db(settings.db_path)
+    cfg = ServeConfig(
+        checkpoint=chat_checkpoint, policy=DEFAULT_POLICY, port=free_port(), host="127.0.0.1", cpu_threads=1
+    )
+    handle = start_server(cfg, engine=engine, settings=settings)
+    try:
+        handle.wait_healthy(300)
+        yield SharedServer(handle=handle, data=data)
+    finally:
+        handle.stop()
+        engine.dispose()

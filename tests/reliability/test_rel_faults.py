@@ -57,12 +57,32 @@ def integrity(db_path: Path) -> str:
 
 def spawn_worker(data: Path, log: Path, *, hold: str = "", once: bool = False) -> subprocess.Popen:
     """`python -m jobs.worker` in its own process group (so the test can kill the whole group)."""
-    cmd = [sys.executable, "-m", "jobs.worker", "--db", str(data / "workbench.db"), "--data-dir", str(data),
-           "--modules", MODULES, "--poll", "0.1", "--heartbeat", "0.5", "--start-method", "fork"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.worker",
+        "--db",
+        str(data / "workbench.db"),
+        "--data-dir",
+        str(data),
+        "--modules",
+        MODULES,
+        "--poll",
+        "0.1",
+        "--heartbeat",
+        "0.5",
+        "--start-method",
+        "fork",
+    ]
     env = {**env_with_project_root(), "OMP_NUM_THREADS": "1", HOLD_ENV: hold}
     with open(log, "ab") as err:
-        return subprocess.Popen(cmd + (["--once"] if once else []), env=env, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
+        return subprocess.Popen(
+            cmd + (["--once"] if once else []),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
 
 
 def leftovers(data: Path) -> dict[str, list[str]]:
@@ -80,10 +100,14 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
     add_model(engine, name="tiny", path=tiny_source)
     import workbench.job_kinds  # noqa: F401 - submit() validates with the kind's own hook
 
-    jobs = [queue.submit(engine, "quantize", {"model": "tiny", "checkpoint": f"ck-{i}", "recipe": RECIPE})
-            for i in range(len(KILL_POINTS))]
-    workers = {stage: spawn_worker(data, tmp_path / f"worker-{i}.log", hold=hold)
-               for i, (stage, hold) in enumerate(KILL_POINTS)}
+    jobs = [
+        queue.submit(engine, "quantize", {"model": "tiny", "checkpoint": f"ck-{i}", "recipe": RECIPE})
+        for i in range(len(KILL_POINTS))
+    ]
+    workers = {
+        stage: spawn_worker(data, tmp_path / f"worker-{i}.log", hold=hold)
+        for i, (stage, hold) in enumerate(KILL_POINTS)
+    }
     try:
         # Every worker first holds a job of its own, so no worker recovers a job killed under another.
         wait_for(lambda: len(queue.list_jobs(engine, status="running")) == len(jobs), "all jobs claimed", 300)
@@ -101,20 +125,36 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
                 before = leftovers(data)
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole worker process group
                 proc.wait()
-                wait_for(lambda c=children: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                                    != psutil.STATUS_ZOMBIE for p in c),
-                         f"the job process of {stage} to die with its worker", 15)
-                killed[stage] = {"job": row.id, "worker": proc.pid, "stage": row.stage, "message": row.message,
-                                 "work_dir": row.work_dir, "before": before}
+                wait_for(
+                    lambda c=children: (
+                        not any(
+                            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                            for p in c
+                        )
+                    ),
+                    f"the job process of {stage} to die with its worker",
+                    15,
+                )
+                killed[stage] = {
+                    "job": row.id,
+                    "worker": proc.pid,
+                    "stage": row.stage,
+                    "message": row.message,
+                    "work_dir": row.work_dir,
+                    "before": before,
+                }
                 del pending[stage]
             time.sleep(0.1)
         left = leftovers(data)
         mid_integrity = integrity(data / "workbench.db")
         still_running = [j.id for j in queue.list_jobs(engine, status="running")]
-        published_unregistered = sorted(p.name for p in (data / "checkpoints").iterdir()
-                                        if not p.name.startswith("."))
+        published_unregistered = sorted(
+            p.name for p in (data / "checkpoints").iterdir() if not p.name.startswith(".")
+        )
 
-        nxt = queue.submit(engine, "quantize", {"model": "tiny", "checkpoint": "after-crash", "recipe": RECIPE})
+        nxt = queue.submit(
+            engine, "quantize", {"model": "tiny", "checkpoint": "after-crash", "recipe": RECIPE}
+        )
         final = spawn_worker(data, tmp_path / "worker-final.log", once=True)
         assert final.wait(timeout=420) == 0, (tmp_path / "worker-final.log").read_text()[-3000:]
     finally:
@@ -137,24 +177,34 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
         note = f"re-queued after the worker stopped (worker pid {info['worker']} is gone)"
         name = json.loads(row.params_json)["checkpoint"]
         valid = check_checkpoint(data / "checkpoints" / name).ok
-        with reliability.case("faults", f"worker SIGKILL during {stage} (Job.stage={info['stage']!r})",
-                              fault=f"SIGKILL worker group pid {info['worker']}") as case:
-            case.detail = (f"at the kill: work dir {'present' if info['before']['work_dirs'] else 'none'}, "
-                           f"{len(info['before']['hidden_checkpoint_dirs'])} hidden checkpoint dir(s); the next "
-                           f"worker re-queued it (quantize is requeue_safe): {row.status} on attempt "
-                           f"{row.attempts}, old work dir removed, checkpoint {name} {'valid' if valid else 'INVALID'}")
+        with reliability.case(
+            "faults",
+            f"worker SIGKILL during {stage} (Job.stage={info['stage']!r})",
+            fault=f"SIGKILL worker group pid {info['worker']}",
+        ) as case:
+            case.detail = (
+                f"at the kill: work dir {'present' if info['before']['work_dirs'] else 'none'}, "
+                f"{len(info['before']['hidden_checkpoint_dirs'])} hidden checkpoint dir(s); the next "
+                f"worker re-queued it (quantize is requeue_safe): {row.status} on attempt "
+                f"{row.attempts}, old work dir removed, checkpoint {name} {'valid' if valid else 'INVALID'}"
+            )
             assert info["job"] in still_running  # nobody settled it before the next worker
             assert note in row.log_tail, row.log_tail[-1500:]
             assert (row.status, row.attempts) == ("done", 2), (row.status, row.error)
             assert not Path(info["work_dir"]).exists()
-    with reliability.case("faults", "after all kills: DB integrity, leftovers, next job, history",
-                          fault=f"{len(killed)} worker SIGKILLs") as case:
-        case.detail = (f"PRAGMA integrity_check after kills: {mid_integrity}, at the end: {end_integrity}; "
-                       f"partial outputs after kills: {len(left['work_dirs'])} work dirs, "
-                       f"{len(left['hidden_checkpoint_dirs'])} hidden checkpoint dirs, "
-                       f"{len(published_unregistered)} published-but-unregistered; after recovery: "
-                       f"{len(end_left['work_dirs'])} work dirs, {len(end_left['hidden_checkpoint_dirs'])} hidden dirs; "
-                       f"next job {rows[nxt.id].status}; {n_ckpt} checkpoints / {n_var} variant rows")
+    with reliability.case(
+        "faults",
+        "after all kills: DB integrity, leftovers, next job, history",
+        fault=f"{len(killed)} worker SIGKILLs",
+    ) as case:
+        case.detail = (
+            f"PRAGMA integrity_check after kills: {mid_integrity}, at the end: {end_integrity}; "
+            f"partial outputs after kills: {len(left['work_dirs'])} work dirs, "
+            f"{len(left['hidden_checkpoint_dirs'])} hidden checkpoint dirs, "
+            f"{len(published_unregistered)} published-but-unregistered; after recovery: "
+            f"{len(end_left['work_dirs'])} work dirs, {len(end_left['hidden_checkpoint_dirs'])} hidden dirs; "
+            f"next job {rows[nxt.id].status}; {n_ckpt} checkpoints / {n_var} variant rows"
+        )
         assert mid_integrity == "ok" and end_integrity == "ok"
         assert left["work_dirs"] and left["hidden_checkpoint_dirs"]  # the faults did leave partial output
         assert end_left == {"work_dirs": [], "hidden_checkpoint_dirs": []}, end_left
@@ -169,20 +219,33 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
     history_code = (
         "import json, sys; from storage.db import open_db; from jobs.queue import list_jobs;"
         "e = open_db(sys.argv[1]);"
-        "print(json.dumps([dict(id=j.id, status=j.status, attempts=j.attempts, requeued='re-queued' in j.log_tail,"
-        " held='[fault-test] held' in j.log_tail) for j in list_jobs(e)]))")
+        "print(json.dumps([dict(id=j.id, status=j.status, attempts=j.attempts,"
+        " requeued='re-queued' in j.log_tail, held='[fault-test] held' in j.log_tail)"
+        " for j in list_jobs(e)]))"
+    )
     with reliability.case("faults", "a fresh process reads the full job history") as case:
-        out = subprocess.run([sys.executable, "-c", history_code, str(data / "workbench.db")],
-                             env=env_with_project_root(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", history_code, str(data / "workbench.db")],
+            env=env_with_project_root(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         history = json.loads(out.stdout)
-        case.detail = (f"{len(history)} jobs, statuses {sorted({h['status'] for h in history})}, "
-                       f"{sum(h['attempts'] for h in history)} attempts, "
-                       f"{sum(h['requeued'] for h in history)} with the recovery note")
+        case.detail = (
+            f"{len(history)} jobs, statuses {sorted({h['status'] for h in history})}, "
+            f"{sum(h['attempts'] for h in history)} attempts, "
+            f"{sum(h['requeued'] for h in history)} with the recovery note"
+        )
         assert len(history) == len(KILL_POINTS) + 1
         assert sum(h["requeued"] and h["held"] for h in history) == len(KILL_POINTS)
         assert all(h["status"] == "done" for h in history)
-    reliability.figure("faults", "quantize jobs killed mid-stage / recovered and finished",
-                       f"{len(killed)} / {sum(rows[i['job']].status == 'done' for i in killed.values())}")
+    reliability.figure(
+        "faults",
+        "quantize jobs killed mid-stage / recovered and finished",
+        f"{len(killed)} / {sum(rows[i['job']].status == 'done' for i in killed.values())}",
+    )
     job_log_files = sorted((data / "logs" / "jobs").glob("job-*-attempt-*.log"))
     reliability.figure("faults", "per-attempt job log files kept", len(job_log_files))
 
@@ -217,9 +280,13 @@ def test_serving_process_killed_mid_stream_then_restarted(tmp_path, chat_checkpo
             from storage.models import Run
 
             run_status = s.get(Run, first.run_id).status
-        with reliability.case("faults", "CPU server SIGKILLed mid-stream", fault="SIGKILL server group") as case:
-            case.detail = (f"client got {len(deltas)} chunks, then: {error}; server exit {first.proc.returncode}; "
-                           f"its Run row left as {run_status!r} until the handle is stopped")
+        with reliability.case(
+            "faults", "CPU server SIGKILLed mid-stream", fault="SIGKILL server group"
+        ) as case:
+            case.detail = (
+                f"client got {len(deltas)} chunks, then: {error}; server exit {first.proc.returncode}; "
+                f"its Run row left as {run_status!r} until the handle is stopped"
+            )
             assert error is not None and "cannot reach the model server" in error
             assert len(deltas) >= 5 and not first.is_running()
         t0 = time.monotonic()
@@ -228,8 +295,10 @@ def test_serving_process_killed_mid_stream_then_restarted(tmp_path, chat_checkpo
         restart_s = time.monotonic() - t0
         text, stats = chat_once(second.base_url, HELLO, max_tokens=16)
         with reliability.case("faults", "CPU server restarted on the same port after the kill") as case:
-            case.detail = (f"healthy after {restart_s:.1f} s; a new chat got {stats.output_tokens} tokens "
-                           f"(TTFT {stats.ttft_ms:.0f} ms); DB integrity {integrity(settings.db_path)}")
+            case.detail = (
+                f"healthy after {restart_s:.1f} s; a new chat got {stats.output_tokens} tokens "
+                f"(TTFT {stats.ttft_ms:.0f} ms); DB integrity {integrity(settings.db_path)}"
+            )
             assert stats.output_tokens > 0 and text
             assert integrity(settings.db_path) == "ok"
     finally:
@@ -244,10 +313,13 @@ def small_disk(tmp_path):
     """A 64 KiB tmpfs: room for a folder, not for a checkpoint. Skips where mounting is not allowed."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a size-limited tmpfs here (needs root/CAP_SYS_ADMIN): {done.stderr.strip()}"
+        )
     try:
         yield mount_point
     finally:
@@ -276,19 +348,27 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, tiny_source, chat_checkpo
     row = queue.get_job(engine, job.id)
     with Session(engine) as s:
         n_ckpt = s.exec(select(func.count()).select_from(Checkpoint)).one()
-    with reliability.case("faults", "disk full while the quantize job writes the merged checkpoint",
-                          fault="checkpoints/ on a 64 KiB tmpfs") as case:
-        case.detail = (f"job {row.status}: {row.error}; left on the full disk: {sorted(os.listdir(small_disk))}; "
-                       f"Checkpoint rows {n_ckpt}; work dir removed: {not Path(row.work_dir).exists()}")
+    with reliability.case(
+        "faults",
+        "disk full while the quantize job writes the merged checkpoint",
+        fault="checkpoints/ on a 64 KiB tmpfs",
+    ) as case:
+        case.detail = (
+            f"job {row.status}: {row.error}; left on the full disk: {sorted(os.listdir(small_disk))}; "
+            f"Checkpoint rows {n_ckpt}; work dir removed: {not Path(row.work_dir).exists()}"
+        )
         assert row.status == "failed" and "No space left on device" in row.error
         assert os.listdir(small_disk) == [] and n_ckpt == 0 and not Path(row.work_dir).exists()
     engine.dispose()
 
     # 2. exporting one variant (the single-variant checkpoint for stock runtimes) onto the full disk
-    with reliability.case("faults", "disk full while exporting a single-variant checkpoint",
-                          fault="out_dir on a 64 KiB tmpfs") as case:
+    with reliability.case(
+        "faults", "disk full while exporting a single-variant checkpoint", fault="out_dir on a 64 KiB tmpfs"
+    ) as case:
         with pytest.raises(Exception) as err:  # noqa: B017 - whatever the writer raises, it must say why
             export_variant(chat_checkpoint, "w4a16", small_disk / "w4a16-only")
-        case.detail = f"{type(err.value).__name__}: {err.value}; left on the disk: {sorted(os.listdir(small_disk))}"
+        case.detail = (
+            f"{type(err.value).__name__}: {err.value}; left on the disk: {sorted(os.listdir(small_disk))}"
+        )
         assert "No space left on device" in str(err.value)
         assert os.listdir(small_disk) == []

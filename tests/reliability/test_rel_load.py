@@ -21,9 +21,6 @@ from sqlmodel import Session, func, select
 from storage.db import open_db
 from storage.models import RequestRecord
 from workbench.chat_client import astream_chat, chat_body
-from workbench.policy import DEFAULT_POLICY
-from workbench.runtime.serve import ServeConfig, start_server
-from workbench.settings import Settings
 
 USERS = 16
 SECONDS = float(os.environ.get("FLEXQUANT_LOAD_SECONDS", "120"))
@@ -51,13 +48,14 @@ async def _user(base_url: str, model: str, user: int, deadline: float, budget: l
             budget[0] -= 1
             turn += 1
             messages = [{"role": "user", "content": f"user {user} turn {turn}: tell me about the weather"}]
-            body = chat_body(messages, model=model, max_tokens=MAX_TOKENS, temperature=0.7, extra={"seed": turn})
+            body = chat_body(
+                messages, model=model, max_tokens=MAX_TOKENS, temperature=0.7, extra={"seed": turn}
+            )
             try:
-                last = None
-                async for last in astream_chat(client, base_url, body):
-                    pass
-                out["ttft_ms"].append(last.stats.ttft_ms)
-                out["tokens"] += last.stats.output_tokens
+                updates = [update async for update in astream_chat(client, base_url, body)]
+                stats = updates[-1].stats  # the final update (done=True) carries the reply's timings
+                out["ttft_ms"].append(stats.ttft_ms)
+                out["tokens"] += stats.output_tokens
                 out["done"] += 1
             except Exception as exc:  # noqa: BLE001 - every error is a finding
                 out["errors"].append(f"{type(exc).__name__}: {exc}")
@@ -71,22 +69,33 @@ async def _load(base_url: str, model: str) -> dict:
     return out
 
 
+def _recorded(engine, run_id: int, *, expect: int, timeout: float = 30.0) -> int:
+    """RequestRecord rows of the run once the server's batched telemetry caught up (or the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Session(engine) as s:
+            count = s.exec(
+                select(func.count()).select_from(RequestRecord).where(RequestRecord.run_id == run_id)
+            ).one()
+        if count >= expect or time.monotonic() > deadline:
+            return count
+        time.sleep(0.5)
+
+
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
 @pytest.mark.slow
-def test_cpu_runtime_serves_16_concurrent_streams(tmp_path, chat_checkpoint, free_port, reliability):
-    settings = Settings(data_dir=tmp_path / "data")
-    engine = open_db(settings.db_path)
-    handle = start_server(ServeConfig(checkpoint=chat_checkpoint, policy=DEFAULT_POLICY, port=free_port(),
-                                      host="127.0.0.1", cpu_threads=1), engine=engine, settings=settings)
+def test_cpu_runtime_serves_16_concurrent_streams(cpu_server, reliability):
+    handle = cpu_server.handle
+    engine = open_db(cpu_server.data / "workbench.db")
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     try:
-        handle.wait_healthy(300)
         model = httpx.get(f"{handle.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+        before = _recorded(engine, handle.run_id, expect=0)  # rows of earlier tests on this server
         t0 = time.monotonic()
 
         def sample() -> None:
@@ -100,23 +109,25 @@ def test_cpu_runtime_serves_16_concurrent_streams(tmp_path, chat_checkpoint, fre
         stop.set()
         sampler.join(timeout=5)
         alive = handle.is_running() and httpx.get(f"{handle.base_url}/health", timeout=30).status_code == 200
+        recorded = _recorded(engine, handle.run_id, expect=before + out["done"]) - before
     finally:
         stop.set()
-        handle.stop()
-    with Session(engine) as s:
-        recorded = s.exec(select(func.count()).select_from(RequestRecord)
-                          .where(RequestRecord.run_id == handle.run_id)).one()
-    engine.dispose()
+        engine.dispose()
 
     steady = [rss for t, rss in samples if t >= WARMUP_S]
     window = max(1, len(steady) // 5)
     first, last = statistics.median(steady[:window]), statistics.median(steady[-window:])
     ttft = out["ttft_ms"]
-    with reliability.case("load", f"{USERS} concurrent streaming chats for {SECONDS:.0f} s (loopback)",
-                          fault=f"{USERS} closed-loop users") as case:
-        case.detail = (f"{out['done']} chats, {len(out['errors'])} errors, server alive: {alive}; RSS "
-                       f"{first / 2**20:.0f} -> {last / 2**20:.0f} MiB (first vs last fifth after warm-up); "
-                       f"{recorded} RequestRecord rows")
+    with reliability.case(
+        "load",
+        f"{USERS} concurrent streaming chats for {SECONDS:.0f} s (loopback)",
+        fault=f"{USERS} closed-loop users",
+    ) as case:
+        case.detail = (
+            f"{out['done']} chats, {len(out['errors'])} errors, server alive: {alive}; RSS "
+            f"{first / 2**20:.0f} -> {last / 2**20:.0f} MiB (first vs last fifth after warm-up); "
+            f"{recorded} RequestRecord rows"
+        )
         assert out["errors"] == [], out["errors"][:5]
         assert alive and out["done"] >= USERS
         assert last <= first * RSS_GROWTH_LIMIT + RSS_GROWTH_SLACK, (first, last)
@@ -126,10 +137,15 @@ def test_cpu_runtime_serves_16_concurrent_streams(tmp_path, chat_checkpoint, fre
         ("chats completed / errors", f"{out['done']} / {len(out['errors'])}"),
         ("chats per second", f"{out['done'] / elapsed:.1f}"),
         ("output tokens per second (all users)", f"{out['tokens'] / elapsed:.0f}"),
-        ("TTFT p50 / p90 / p99", f"{_pct(ttft, .5):.0f} / {_pct(ttft, .9):.0f} / {_pct(ttft, .99):.0f} ms"),
+        (
+            "TTFT p50 / p90 / p99",
+            f"{_pct(ttft, 0.5):.0f} / {_pct(ttft, 0.9):.0f} / {_pct(ttft, 0.99):.0f} ms",
+        ),
         ("TTFT max", f"{max(ttft):.0f} ms"),
-        ("server RSS after warm-up: first fifth / last fifth / peak",
-         f"{first / 2**20:.0f} / {last / 2**20:.0f} / {max(r for _, r in samples) / 2**20:.0f} MiB"),
+        (
+            "server RSS after warm-up: first fifth / last fifth / peak",
+            f"{first / 2**20:.0f} / {last / 2**20:.0f} / {max(r for _, r in samples) / 2**20:.0f} MiB",
+        ),
         ("RSS growth (last / first fifth)", f"{last / first:.3f} (limit {RSS_GROWTH_LIMIT} + 32 MiB)"),
         ("RSS samples", len(samples)),
     ]:
