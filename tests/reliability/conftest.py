@@ -37,6 +37,23 @@ SECTIONS = {
     "security": "4. Security",
     "load": "5. Load: the CPU reference runtime under concurrent streaming chats",
 }
+# How each section's cases are produced (method, not results: the results are the rows below it).
+METHODS = {
+    "faults": "Six workers each take a real `quantize` job (tiny random Llama, W8A8+W4A16) and are held at "
+    "one stage by `tests/reliability/stage_hold.py` (a hook in the job's progress reporting) until the "
+    "Job row shows it; then the worker's process group gets SIGKILL. A fresh worker recovers and runs "
+    "everything; the checks use the DB file, the data dir and a separate process. The CPU server is "
+    "killed the same way mid-stream; the full disk is a 64 KiB tmpfs.",
+    "concurrency": "Separate processes: 4 submitters (released together), 2 workers, 1 poller reading "
+    "what the UI's jobs tab reads, all on one SQLite file.",
+    "bad_input": "Through the `flexquant` CLI (in process), the library calls the UI makes, and HTTP to a "
+    "running CPU server. Before/after each case: every table's rows (hashed) and every file of the "
+    "data dir must be identical, and the server healthy with its policy unchanged.",
+    "security": "Source grep with an allow-list, path confinement, `app.py` run as a user runs it, and "
+    "hypothesis property tests of the two parsers of untrusted input.",
+    "load": "16 closed-loop users stream chats from a tiny random merged checkpoint on loopback; the "
+    "server's RSS is sampled every second; TTFT is measured by the client.",
+}
 # A simple Jinja chat template for the tiny test tokenizer (the CPU server needs one).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -115,7 +132,7 @@ class Recorder:
             held = sum(1 for r in rows if r.ok)
             lines.append(f"| {title.split(':')[0]} | {len(rows)} | {faults} | {held} | {len(rows) - held} |")
         for key, title in SECTIONS.items():
-            lines += ["", f"## {title}", ""]
+            lines += ["", f"## {title}", "", METHODS[key], ""]
             rows = [r for r in self.rows if r.section == key]
             if key == "bad_input" and rows:
                 lines += [

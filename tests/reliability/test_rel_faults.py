@@ -110,13 +110,16 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
     }
     try:
         # Every worker first holds a job of its own, so no worker recovers a job killed under another.
-        wait_for(lambda: len(queue.list_jobs(engine, status="running")) == len(jobs), "all jobs claimed", 300)
+        wait_for(lambda: len(queue.list_jobs(engine, status="running")) == len(jobs), "all jobs claimed", 600)
         killed: dict[str, dict] = {}
         pending = dict(workers)
+        deadline = time.monotonic() + 600  # guards against a hang only
         while pending:
+            assert time.monotonic() < deadline, f"never held: {sorted(pending)}; {queue.list_jobs(engine)}"
             for stage, proc in list(pending.items()):
                 row = next((j for j in queue.list_jobs(engine) if j.worker_pid == proc.pid), None)
                 assert proc.poll() is None, f"worker for {stage} exited early; see {tmp_path}"
+                assert row is None or row.status == "running", (stage, row.status, row.error)
                 if row is None or "[fault-test] held" not in row.log_tail:
                     continue
                 hold_stage = dict(KILL_POINTS)[stage].split("#")[0]
@@ -184,9 +187,10 @@ def test_worker_sigkill_at_every_quantize_stage(tmp_path, tiny_source, reliabili
         ) as case:
             case.detail = (
                 f"at the kill: work dir {'present' if info['before']['work_dirs'] else 'none'}, "
-                f"{len(info['before']['hidden_checkpoint_dirs'])} hidden checkpoint dir(s); the next "
-                f"worker re-queued it (quantize is requeue_safe): {row.status} on attempt "
-                f"{row.attempts}, old work dir removed, checkpoint {name} {'valid' if valid else 'INVALID'}"
+                f"{len(info['before']['hidden_checkpoint_dirs'])} hidden dir(s) under checkpoints/ "
+                f"(all jobs); the next worker re-queued it (quantize is requeue_safe): {row.status} on "
+                f"attempt {row.attempts}, old work dir removed, checkpoint {name} "
+                f"{'valid' if valid else 'INVALID'}"
             )
             assert info["job"] in still_running  # nobody settled it before the next worker
             assert note in row.log_tail, row.log_tail[-1500:]
