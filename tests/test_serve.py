@@ -196,6 +196,10 @@ def test_start_errors_are_clear(server, ckpt, tmp_path):
     with pytest.raises(ServeError, match="GPU"):
         start_server(ServeConfig(checkpoint=ckpt, policy=PD, port=free_port(), runtime="vllm"),
                      engine=db, settings=settings)
+    for exposed in ("0.0.0.0", "192.168.1.10", "example.org"):
+        with pytest.raises(ServeError, match="has no login"):
+            start_server(ServeConfig(checkpoint=ckpt, policy=PD, port=free_port(), host=exposed),
+                         engine=db, settings=settings)
 
 
 def test_stop_ends_process_and_run(ckpt, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -59,6 +60,15 @@ class ServeConfig:
     # Set by start_server for the vLLM runtime (read by vllm_launch.build_vllm_command).
     policy_file: Path | None = None
     telemetry_file: Path | None = None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -121,6 +131,10 @@ def choose_runtime(cfg: ServeConfig, settings: Settings) -> str:
 
 def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings) -> ServerHandle:
     """Check, create the Run row, start the server subprocess; call `.wait_healthy()` next."""
+    if not _is_loopback(cfg.host):
+        # The model API has no login of its own: binding it beyond this machine would expose it.
+        raise ServeError(f"refusing to serve on host {cfg.host!r}: the model API has no login. Bind 127.0.0.1 "
+                         "(the default) and reach it through an SSH tunnel or the workbench app")
     check_checkpoint_for(cfg)
     if port_in_use(cfg.host, cfg.port):
         raise ServeError(f"port {cfg.port} on {cfg.host} is already in use; choose another port or stop "
