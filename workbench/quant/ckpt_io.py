@@ -131,8 +131,10 @@ class ShardWriter:
             self._flush()
         if key in self._current or any(key in shard for shard in self._shards[-1:]):
             raise ValueError(f"tensor {key} written twice")
-        # safetensors refuses views that share storage; a contiguous clone is cheap next to the I/O.
-        self._current[key] = tensor.detach().to("cpu").contiguous().clone()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().nbytes() != nbytes:
+            tensor = tensor.clone()  # a view into a bigger buffer: safetensors would refuse (or bloat) it
+        self._current[key] = tensor
         self._current_bytes += nbytes
         self.total_bytes += nbytes
 

@@ -68,8 +68,10 @@ class QuantRecipe(BaseModel):
     smoothquant_strength: float = Field(default=0.8, ge=0.0, lt=1.0)
     w4a16_group_size: int = Field(default=128, ge=MIN_GROUP_SIZE, le=1024)
     calibration_path: str | None = None
-    num_samples: int = Field(default=64, ge=1, le=4096)
-    seq_len: int = Field(default=512, ge=16, le=8192)
+    # 32 x 256 rather than 64 x 512: ~2.5x fewer calibration tokens, about half the CPU time of
+    # quantize+merge on SmolLM2, the same accuracy within noise (docs/quantize-speed.md).
+    num_samples: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=16, le=8192)
 
     @field_validator("variants")
     @classmethod

@@ -181,7 +181,11 @@ def make_synthetic_checkpoint(
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * WEIGHT_STD).to(torch.bfloat16)
+        # Row chunks: an fp32 128256 x 4096 embedding in one piece would cost 2 GiB extra RAM.
+        out = torch.empty(*shape, dtype=torch.bfloat16)
+        for rows in out.split(8192):
+            rows.copy_(torch.randn(*rows.shape, generator=gen) * WEIGHT_STD)
+        return out
 
     with publishing(Path(out_dir)) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes)
