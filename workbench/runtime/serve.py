@@ -133,8 +133,8 @@ def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings) -> Ser
     """Check, create the Run row, start the server subprocess; call `.wait_healthy()` next."""
     if not _is_loopback(cfg.host):
         # The model API has no login of its own: binding it beyond this machine would expose it.
-        raise ServeError(f"refusing to serve on host {cfg.host!r}: the model API has no login. Bind 127.0.0.1 "
-                         "(the default) and reach it through an SSH tunnel or the workbench app")
+        raise ServeError(f"refusing to serve on host {cfg.host!r}: the model API has no login. "
+                         "Bind 127.0.0.1 (the default) and reach it through an SSH tunnel or the app")
     check_checkpoint_for(cfg)
     if port_in_use(cfg.host, cfg.port):
         raise ServeError(f"port {cfg.port} on {cfg.host} is already in use; choose another port or stop "
