@@ -79,6 +79,9 @@ def env_with_project_root() -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(_PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Job processes run torch on a small shared CPU: spinning OpenMP waiters made 2 threads ~18x
+    # slower than passive ones (docs/quantize-speed.md). Must be set before torch is imported.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -27,6 +27,9 @@ from workbench.cli_common import (
 )
 from workbench.cli_jobs import job_summary
 from workbench.cli_policy import policy_by_name_or_file
+from workbench.quant.recipe import QuantRecipe
+
+_RECIPE_DEFAULTS = QuantRecipe()  # the CLI's defaults are the recipe's, never a second copy
 
 
 def resolve_checkpoint(ctx: typer.Context, name_or_path: str) -> tuple[Path, str | None]:
@@ -57,8 +60,8 @@ def quantize(
     calibration: Annotated[
         Path | None, typer.Option("--calibration", help=".txt or .jsonl calibration text.")
     ] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 512,
+    num_samples: Annotated[int, typer.Option("--num-samples")] = _RECIPE_DEFAULTS.num_samples,
+    seq_len: Annotated[int, typer.Option("--seq-len")] = _RECIPE_DEFAULTS.seq_len,
     title: Annotated[str, typer.Option("--title")] = "",
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until the job ends.")] = False,
 ) -> None:
