@@ -72,6 +72,12 @@ def test_add_model_quantize_and_evaluate(page, app):
 
     choose(page, "fq-src-model", model)  # the list refreshed itself from the DB
     page.locator("#fq-ckpt-name input, #fq-ckpt-name textarea").first.fill(CKPT)
+    calibration = app.data_dir.parent / "my-calibration.txt"  # outside the data dir: an upload
+    calibration.write_text(
+        "\n".join(f"Calibration document {i} about lighthouses and the sea." for i in range(8))
+    )
+    page.locator("#fq-calib-file input[type=file]").set_input_files(str(calibration))
+    expect(page.locator("#fq-calib-file")).to_contain_text("my-calibration.txt")
     fill_number(page, "fq-samples", 8)
     fill_number(page, "fq-seq-len", 64)
     page.locator("#fq-submit").click()
@@ -81,6 +87,8 @@ def test_add_model_quantize_and_evaluate(page, app):
 
     choose(page, "fq-open-ckpt", CKPT)
     expect(page.get_by_text("w4a16").first).to_be_visible()
+    # the upload was kept inside the data dir for the worker, and the manifest records it
+    expect(page.locator("#fq-manifest")).to_contain_text(str(app.data_dir / "uploads"))
     fill_number(page, "fq-eval-docs", 4)  # a policy target decodes token by token: keep it short
     fill_number(page, "fq-eval-seq", 128)
     page.locator("#fq-eval").click()

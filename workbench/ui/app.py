@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     import_kind_modules(JOB_MODULES)  # submit() validates params with the kinds' own hooks
     ctx = UIContext(engine=engine, settings=settings)
     if settings.prepare_default_model:
-        threading.Thread(target=_prepare_default_model, args=(ctx,), name="default-model", daemon=True).start()
+        threading.Thread(
+            target=_prepare_default_model, args=(ctx,), name="default-model", daemon=True
+        ).start()
     worker: subprocess.Popen | None = None
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -112,6 +112,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
             file_types=[".txt", ".jsonl"],
             type="filepath",
             height=140,
+            elem_id="fq-calib-file",
         )
         calib_path = gr.Textbox(label="…or a calibration file path (empty = built-in Lee corpus)")
         samples = gr.Number(
@@ -144,7 +145,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
             label="Variants",
             interactive=False,
         )
-        manifest = gr.JSON(label="Manifest", open=False, max_height=320)
+        manifest = gr.JSON(label="Manifest", open=False, max_height=320, elem_id="fq-manifest")
     with gr.Row():
         eval_docs = gr.Number(
             20,
