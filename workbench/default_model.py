@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
@@ -179,11 +180,21 @@ def _folder_ok(folder: Path) -> bool:
     return True
 
 
+# The app converts at start in a background thread while the UI's "add default model" button may
+# call too: one conversion at a time, the second caller then finds it done.
+_ENSURE_LOCK = threading.Lock()
+
+
 def ensure_default_model(engine: Engine, settings: Settings, reporter: Reporter | None = None) -> SourceModel:
     """Convert the embedded SmolLM2 once and register it as the default SourceModel; idempotent.
 
     A second call only reads the safetensors headers (milliseconds).
     """
+    with _ENSURE_LOCK:
+        return _ensure_default_model(engine, settings, reporter)
+
+
+def _ensure_default_model(engine: Engine, settings: Settings, reporter: Reporter | None) -> SourceModel:
     folder = settings.models_dir / DEFAULT_MODEL_NAME
     row = find_source_model(engine, name=DEFAULT_MODEL_NAME)
     if row is not None and Path(row.path).resolve() != folder.resolve():
