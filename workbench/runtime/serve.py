@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from storage.models import Checkpoint
 from workbench.ckpt_format import read_config, read_flexquant_config
 from workbench.policy import Policy, PolicyError, check_policy_for, policy_to_yaml
 from workbench.runtime.telemetry import TelemetryWriter, create_run, end_run
-from workbench.settings import Settings
+from workbench.settings import Settings, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,6 @@ class ServeConfig:
     # Set by start_server for the vLLM runtime (read by vllm_launch.build_vllm_command).
     policy_file: Path | None = None
     telemetry_file: Path | None = None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -131,7 +121,7 @@ def choose_runtime(cfg: ServeConfig, settings: Settings) -> str:
 
 def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings) -> ServerHandle:
     """Check, create the Run row, start the server subprocess; call `.wait_healthy()` next."""
-    if not _is_loopback(cfg.host):
+    if not is_loopback_host(cfg.host):
         # The model API has no login of its own: binding it beyond this machine would expose it.
         raise ServeError(f"refusing to serve on host {cfg.host!r}: the model API has no login. "
                          "Bind 127.0.0.1 (the default) and reach it through an SSH tunnel or the app")

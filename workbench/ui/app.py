@@ -9,7 +9,6 @@ and any runtime it started, on exit (Ctrl-C or SIGTERM).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from jobs.registry import import_kind_modules
 from jobs.worker import start_worker
 from storage.db import open_db
 from workbench.default_model import ensure_default_model
-from workbench.settings import Settings, get_settings
+from workbench.settings import Settings, get_settings, is_loopback_host
 from workbench.ui.chat import build_chat_tab
 from workbench.ui.common import UIContext
 from workbench.ui.compare import build_compare_tab
@@ -60,15 +59,6 @@ class ExposureError(ValueError):
     """The app would be reachable from other machines without a login."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(
     host: str, share: bool, username: str | None, password: str | None
 ) -> tuple[str, str] | None:
@@ -77,7 +67,7 @@ def check_exposure(
     Raises `ExposureError` when the app would be exposed (non-loopback host or a share link) with
     no credentials: the app reads folders and starts processes, so it must not be open to a network."""
     have = bool(username) and bool(password)
-    if (share or not _is_loopback(host)) and not have:
+    if (share or not is_loopback_host(host)) and not have:
         where = "a public share link" if share else f"host {host}"
         raise ExposureError(
             f"refusing to serve the workbench on {where} without a login: set FLEXQUANT_USERNAME and "
