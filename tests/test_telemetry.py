@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -117,3 +118,40 @@ def test_run_rows_are_created_and_ended_once(db_engine):
     assert run.runtime == "vllm" and json.loads(run.config_json) == {"port": 1}
     assert run.status == "failed" and run.ended_at == first_end
     assert json.loads(run.result_json)["error"] == "boom"
+
+
+def test_end_run_survives_a_telemetry_commit_between_its_read_and_its_write(db_engine):
+    """The CI failure of 2026-11-25: a second server's telemetry committed while `stop()` was
+    ending the first run, and SQLite refused the deferred transaction's upgrade with "database is
+    locked". Here another connection commits step rows right after end_run's first SELECT."""
+    from sqlalchemy import event
+
+    from storage.db import make_engine
+
+    other = make_engine(db_engine.url.database)  # a separate pool: another process's connection
+    run_id = create_run(db_engine, runtime="cpu", checkpoint_path="/ck", policy_name="pd")
+    writer = TelemetryWriter(other, run_id, batch_rows=10_000, interval_s=3600)
+    injected = []
+
+    def commit_from_elsewhere(conn, cursor, statement, *_args) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("SELECT") and not injected:
+            injected.append(statement)
+            add_steps(writer, 3)
+            # The concurrent writer waits out our lock (busy timeout) when we hold it; when we
+            # do not, it commits now and our later UPDATE would hit a stale snapshot.
+            t = threading.Thread(target=writer.flush)
+            t.start()
+            t.join(timeout=0.5)
+            injected.append(t)
+
+    event.listen(db_engine, "after_cursor_execute", commit_from_elsewhere)
+    try:
+        end_run(db_engine, run_id, status="ended")
+    finally:
+        event.remove(db_engine, "after_cursor_execute", commit_from_elsewhere)
+    injected[1].join(timeout=30)
+    writer.close()
+    other.dispose()
+    with Session(db_engine) as s:
+        assert s.get(Run, run_id).status == "ended"
+    assert count(db_engine, StepRecord) == 3

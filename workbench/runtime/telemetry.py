@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel
 
+from storage.db import write_session
 from storage.models import RequestRecord, Run, StepRecord
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ def create_run(engine: Engine, *, runtime: str, checkpoint_path: str, policy_nam
 
 def end_run(engine: Engine, run_id: int, *, status: str = "ended", result: dict | None = None) -> None:
     """Mark a run finished (idempotent: an already ended run keeps its first end time)."""
-    with Session(engine) as session:
+    # Read-then-write under BEGIN IMMEDIATE: with a plain deferred BEGIN, a telemetry writer that
+    # commits between our read and our UPDATE makes SQLite refuse the upgrade at once with
+    # "database is locked" (SQLITE_BUSY_SNAPSHOT), without waiting out the busy timeout.
+    with write_session(engine) as session:
         run = session.get(Run, run_id)
         if run is None:
             return
