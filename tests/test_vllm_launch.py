@@ -79,6 +79,24 @@ def test_command_refuses_settings_that_cannot_start(ckpt, tmp_path, change, mess
     assert message in str(err.value)
 
 
+def test_stock_baseline_command_runs_plain_vllm(ckpt, tmp_path):
+    """A benchmark baseline: a plain checkpoint, our plugin and middleware off, the bench's own flags."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4}))
+    cfg = cfg_for(plain, tmp_path, stock=True, policy=fixed_policy("w8a8"), max_num_seqs=256,
+                  compilation_config={"mode": 3}, extra_args=("--no-enable-prefix-caching",),
+                  extra_env={"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"})
+    argv, env = build_vllm_command(cfg, "python3")
+    assert "--middleware" not in argv and argv[-1] == "--no-enable-prefix-caching"
+    assert argv[argv.index("--max-num-seqs") + 1] == "256"
+    assert json.loads(argv[argv.index("--compilation-config") + 1]) == {"mode": 3}  # stock may compile
+    assert env["VLLM_PLUGINS"] == "" and vllm_plugin.ENV_POLICY_JSON not in env
+    assert env["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel"
+    with pytest.raises(ValueError, match="stock vLLM cannot load it"):
+        build_vllm_command(cfg_for(ckpt, tmp_path, stock=True), "python3")
+
+
 def test_command_needs_a_checkpoint_folder(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         build_vllm_command(cfg_for(tmp_path / "missing", tmp_path), "python3")

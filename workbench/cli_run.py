@@ -1,4 +1,4 @@
-"""`flexquant quantize | check | evaluate | serve | bench`: thin wrappers over the library.
+"""`flexquant quantize | check | evaluate | serve` (and `bench`, in cli_bench): thin wrappers over the library.
 
 Each body imports its backend lazily (quantization pulls torch + llmcompressor; serving may need
 vLLM), so `flexquant --help` and the DB commands stay fast and work without those parts.
@@ -208,63 +208,9 @@ def serve(
         handle.stop()
 
 
-def bench(
-    ctx: typer.Context,
-    url: Annotated[str, typer.Option("--url", help="Running local server.")] = "http://127.0.0.1:8000",
-    policy: Annotated[
-        list[str] | None, typer.Option("--policy", help="Saved policy or file; 2+ compares them.")
-    ] = None,
-    rate: Annotated[
-        list[float] | None, typer.Option("--rate", help="Arrival rate in requests/s (repeatable).")
-    ] = None,
-    num_requests: Annotated[int, typer.Option("--requests")] = 16,
-    prompt_words: Annotated[int, typer.Option("--prompt-words")] = 64,
-    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 32,
-    concurrency: Annotated[int, typer.Option("--concurrency")] = 4,
-    duration: Annotated[float, typer.Option("--duration", help="Time limit per run in seconds.")] = 60.0,
-    out: Annotated[Path | None, typer.Option("--out", help="Also write the results as CSV.")] = None,
-) -> None:
-    """Drive a running server with a Poisson workload; with 2+ policies compare them live."""
-    policy, rate = policy or [], rate or [1.0]
-    loadgen = import_backend("workbench.loadgen", "bench")
-    import pandas as pd
-
-    spec = loadgen.LoadSpec(
-        rate=rate[0],
-        prompt_words=prompt_words,
-        max_tokens=max_tokens,
-        concurrency=concurrency,
-        num_requests=num_requests,
-        duration_s=duration,
-    )
-    url = url.rstrip("/")
-    if len(policy) >= 2:
-        policies = [policy_by_name_or_file(ctx, p) for p in policy]
-        frame = loadgen.compare_policies(
-            url, policies, list(rate), spec, on_progress=lambda what, f: console.print(f"{f:4.0%} {what}")
-        )
-    else:
-        if policy:
-            from workbench.chat_client import put_policy
-
-            put_policy(url, policy_by_name_or_file(ctx, policy[0]))
-        rows = []
-        for r in rate:
-            report = loadgen.run_load(url, loadgen.LoadSpec(**{**spec.__dict__, "rate": r}))
-            rows.append({"policy": policy[0] if policy else "(live)", "rate": r, **report.summary()})
-        frame = pd.DataFrame(rows)
-    table = Table(*[str(c) for c in frame.columns])
-    for record in frame.itertuples(index=False):
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in record])
-    console.print(table)
-    if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(out)
-        console.print(f"wrote {escape(str(out))}")
-
-
 def register(app: typer.Typer) -> None:
     """Add these commands to the root app."""
+    from workbench.cli_bench import bench
+
     for fn in (quantize, check, evaluate, serve, bench):
         app.command(fn.__name__)(fn)

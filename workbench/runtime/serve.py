@@ -59,6 +59,14 @@ class ServeConfig:
     # Set by start_server for the vLLM runtime (read by vllm_launch.build_vllm_command).
     policy_file: Path | None = None
     telemetry_file: Path | None = None
+    # Engine settings for benchmarks (read by build_vllm_command; None = vLLM's own defaults).
+    stock: bool = False  # serve a plain (single-variant / BF16) checkpoint with stock vLLM, plugin off
+    kernels: dict[str, str] | None = None
+    compilation_config: dict | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, str] | None = None
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -73,10 +81,13 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def check_checkpoint_for(cfg: ServeConfig) -> list[str]:
-    """Variants of a servable merged checkpoint; ServeError listing the problems otherwise."""
+    """Variants of a servable merged checkpoint; ServeError listing the problems otherwise.
+    A `stock` config serves any HF checkpoint folder as it is (its variants are not ours: [])."""
     path = Path(cfg.checkpoint)
     if not (path / "config.json").is_file():
         raise ServeError(f"checkpoint folder {path} has no config.json; pick a published checkpoint")
+    if cfg.stock:
+        return []
     if importlib.util.find_spec("workbench.quant.check") is not None:
         from workbench.quant.check import check_checkpoint
 
@@ -98,9 +109,12 @@ def check_checkpoint_for(cfg: ServeConfig) -> list[str]:
 def choose_runtime(cfg: ServeConfig, settings: Settings) -> str:
     """"cpu" or "vllm"; ServeError when vLLM was asked for and cannot run here."""
     if cfg.runtime == "cpu":
+        if cfg.stock:
+            raise ServeError("stock vLLM baselines need the vLLM runtime; on the CPU runtime pin a variant of "
+                             "the merged checkpoint instead (policy all-<variant>)")
         return "cpu"
     has_gpu = shutil.which("nvidia-smi") is not None
-    if cfg.runtime == "auto" and not has_gpu:
+    if cfg.runtime == "auto" and not has_gpu and not cfg.stock:
         return "cpu"
     if not has_gpu:
         raise ServeError("no NVIDIA GPU on this machine (nvidia-smi not found): the vLLM runtime needs one; "
@@ -113,7 +127,7 @@ def choose_runtime(cfg: ServeConfig, settings: Settings) -> str:
     python = str(settings.vllm_python or sys.executable)
     if vllm_available(python):
         return "vllm"
-    if cfg.runtime == "auto":
+    if cfg.runtime == "auto" and not cfg.stock:
         log.info("vLLM not usable from %s; falling back to the CPU reference runtime", python)
         return "cpu"
     raise ServeError(f"vLLM cannot serve here: {probe_vllm(python).reason}")
@@ -183,6 +197,11 @@ class ServerHandle:
         self.engine = engine
         self.base_url = f"http://{cfg.host}:{cfg.port}"
         self._importer = _StepsImporter(steps_file, TelemetryWriter(engine, run_id)) if steps_file else None
+
+    @property
+    def steps_file(self) -> Path | None:
+        """The vLLM plugin's step telemetry (JSONL), None for the CPU runtime (it writes the DB)."""
+        return self._importer.path if self._importer is not None else None
 
     @property
     def pid(self) -> int:

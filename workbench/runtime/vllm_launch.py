@@ -93,8 +93,9 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
 
     Optional attributes read from `cfg` when present: `policy_file`, `telemetry_file` (default: a
     folder per port under the temp dir), `compilation_config`, `max_model_len`, `max_num_seqs`,
-    `kernels` ({variant: "marlin"|"machete"}), `served_model_name`. Raises ValueError on settings
-    that could never start, so the user hears it before a 60 s engine start.
+    `kernels` ({variant: "marlin"|"machete"}), `served_model_name`, `stock` (plain checkpoint, plugin
+    and middleware off: a baseline), `extra_args` (more `vllm serve` flags), `extra_env`. Raises
+    ValueError on settings that could never start, so the user hears it before a 60 s engine start.
     """
     ckpt = Path(cfg.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -106,7 +107,8 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
     if int(cfg.tensor_parallel_size) < 1:
         raise ValueError(f"tensor_parallel_size {cfg.tensor_parallel_size} must be >= 1")
     compilation = dict(getattr(cfg, "compilation_config", None) or DEFAULT_COMPILATION)
-    if compilation.get("mode", 0) not in (0, "NONE", "none"):
+    stock = bool(getattr(cfg, "stock", False))
+    if not stock and compilation.get("mode", 0) not in (0, "NONE", "none"):
         raise ValueError("FlexQuant needs compilation mode 0 (torch.compile would freeze the per-step "
                          f"variant choice); got {compilation}")
     qcfg = read_config(ckpt).get("quantization_config") or {}
@@ -122,12 +124,18 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
             "--served-model-name", getattr(cfg, "served_model_name", None) or ckpt.name,
             "--gpu-memory-utilization", f"{float(cfg.gpu_memory_utilization):g}",
             "--tensor-parallel-size", str(int(cfg.tensor_parallel_size)),
-            "--compilation-config", json.dumps(compilation, separators=(",", ":")),
-            "--middleware", MIDDLEWARE]
+            "--compilation-config", json.dumps(compilation, separators=(",", ":"))]
+    if stock and is_flex:
+        raise ValueError(f"{ckpt} is a merged FlexQuant checkpoint: stock vLLM cannot load it; export a "
+                         "single variant (flexquant export) for a stock baseline")
+    if not stock:
+        argv += ["--middleware", MIDDLEWARE]
     for flag, attr in (("--max-model-len", "max_model_len"), ("--max-num-seqs", "max_num_seqs")):
         if getattr(cfg, attr, None):
             argv += [flag, str(int(getattr(cfg, attr)))]
-    env = {"VLLM_PLUGINS": PLUGIN_NAME, "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_V2_MODEL_RUNNER": "1",
+    argv += list(getattr(cfg, "extra_args", None) or ())
+    env = {"VLLM_PLUGINS": "" if stock else PLUGIN_NAME, "VLLM_USE_FLASHINFER_SAMPLER": "0",
+           "VLLM_USE_V2_MODEL_RUNNER": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            vllm_plugin.ENV_POLICY_FILE: str(policy_file), vllm_plugin.ENV_TELEMETRY: str(telemetry_file),
            vllm_plugin.ENV_CHECKPOINT: str(ckpt)}
@@ -136,6 +144,7 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
     kernels = getattr(cfg, "kernels", None)
     if kernels:
         env[vllm_plugin.ENV_KERNELS] = ",".join(f"{v}={k}" for v, k in sorted(kernels.items()))
+    env.update(getattr(cfg, "extra_env", None) or {})
     return argv, env
 
 

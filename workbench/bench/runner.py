@@ -1,0 +1,262 @@
+"""Run a benchmark: every target started in turn, the same workload on each, results as they come.
+
+Order: stock baselines first, then FlexQuant (its auto-tuned policy is derived from the baselines'
+sweep of this very run, and its int4 kernel with it). For each target: start the engine, read the
+weight memory vLLM reports, warm up, then per policy the closed-batch sweep and the online loads.
+The results JSON (schema in docs/benchmarks/README.md) is rewritten atomically after every
+measurement, so an interrupted or failed run keeps what it measured and says how it ended; a
+`Run` row (kind "bench") holds the same dict in the DB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from workbench import ckpt_format as fmt
+from workbench.bench import client
+from workbench.bench.engines import BenchSpec, Target, engine_config, weight_memory_gib, with_policies
+from workbench.bench.weights import H100_HBM_TB_S, decode_bytes_per_step
+from workbench.policy import Policy, StepInfo, decide
+from workbench.runtime.serve import ServerHandle, start_server
+from workbench.runtime.telemetry import create_run, end_run
+from workbench.settings import Settings
+
+__all__ = ["SCHEMA", "run_bench"]
+
+log = logging.getLogger(__name__)
+SCHEMA = "flexquant-bench/1"
+Progress = Callable[[str, int], None]  # (what is being measured, units done so far)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _machine(settings: Settings, spec: BenchSpec) -> dict:
+    info = {"python": platform.python_version(), "host": platform.node(), "hbm_tb_s": H100_HBM_TB_S}
+    if spec.runtime == "vllm":
+        from workbench.runtime.vllm_launch import probe_vllm
+
+        probe = probe_vllm(str(settings.vllm_python or sys.executable))
+        info.update(gpu=(probe.gpus or [None])[0], vllm=probe.vllm_version)
+    else:
+        info.update(gpu=None, vllm=None, runtime="cpu reference")
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def total_units(spec: BenchSpec, targets: list[Target]) -> int:
+    """Progress units: one per engine start and per measurement (batch or rate) of every policy."""
+    per_policy = len(spec.batches) + len(spec.rates)
+    return sum(1 + per_policy * len(t.measurement_labels()) for t in targets)
+
+
+def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, float]:
+    """Share of engine steps per variant between two wall-clock times (FlexQuant telemetry)."""
+    counts: dict[str, int] = {}
+    if handle.runtime == "vllm":
+        path = handle.steps_file
+        if path is None or not path.exists():
+            return {}
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if t0 <= rec.get("ts", 0) <= t1:
+                counts[rec["variant"]] = counts.get(rec["variant"], 0) + 1
+    else:
+        from sqlmodel import Session, col, select
+
+        from storage.models import StepRecord
+
+        with Session(handle.engine) as s:
+            rows = s.exec(select(StepRecord.variant).where(StepRecord.run_id == handle.run_id,
+                                                           col(StepRecord.ts) >= t0, col(StepRecord.ts) <= t1))
+            for variant in rows:
+                counts[variant] = counts.get(variant, 0) + 1
+    total = sum(counts.values())
+    return {v: round(n / total, 4) for v, n in sorted(counts.items())} if total else {}
+
+
+def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
+    repeats = spec.repeats_small if batch <= 16 else 1
+    t0 = time.time()
+    prefill = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, 1) for _ in range(repeats))
+    full = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, spec.output_len)
+                             for _ in range(repeats))
+    return {"batch": batch, "prefill_s": prefill, "decode_s": full,
+            "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000, "ttft_p50_ms": None,
+            "repeats": repeats, "variant_share": _variant_share(handle, t0, time.time())}
+
+
+def _online_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, rate: float) -> dict:
+    t0 = time.time()
+    requests, wall = client.poisson(handle.base_url, "bench", prompts, rate=rate, duration_s=spec.online_duration_s,
+                                    max_tokens=spec.online_output_len, seed=spec.seed)
+    return {"rate": rate, **client.summarize(requests, wall), "variant_share": _variant_share(handle, t0, time.time())}
+
+
+def _target_entry(target: Target, spec: BenchSpec) -> dict:
+    entry = {"label": target.label, "kind": target.kind, "checkpoint": str(target.checkpoint),
+             "variant": target.variant, "kernel": target.kernel, "policies": [p.name for p in target.policies],
+             "weight_memory_gib": None, "weight_bytes_b1": None, "engine_start_s": None, "run_id": None,
+             "error": None}
+    first = target.policies[0] if target.policies else None
+    b1_variant = decide(first, StepInfo(0, 1)) if (target.kind == "flex" and first) else target.variant
+    try:
+        entry["weight_bytes_b1"] = decode_bytes_per_step(target.checkpoint, b1_variant)
+    except (ValueError, OSError) as exc:
+        log.warning("no per-step weight bytes for %s: %s", target.label, exc)
+    return entry
+
+
+def _measure_target(target: Target, spec: BenchSpec, results: dict, *, db: Engine, settings: Settings,
+                    save: Callable[[], None], progress: Progress, done: list[int]) -> None:
+    entry = _target_entry(target, spec)
+    results["targets"].append(entry)
+    vocab = int(fmt.read_config(target.checkpoint)["vocab_size"])
+    first_policy = target.policies[0] if target.policies else None
+    progress(f"starting {target.label}", done[0])
+    t_start = time.monotonic()
+    handle = start_server(engine_config(target, spec, first_policy, spec.port), engine=db, settings=settings)
+    entry["run_id"] = handle.run_id
+    try:
+        handle.wait_healthy(900)
+        entry["engine_start_s"] = round(time.monotonic() - t_start, 1)
+        entry["weight_memory_gib"] = weight_memory_gib(handle.log_tail(4_000_000))
+        done[0] += 1
+        save()
+        policies: list[Policy | None] = list(target.policies) if target.kind == "flex" else [None]
+        for policy in policies:
+            label = target.label if policy is None else f"{target.label}:{policy.name}"
+            if policy is not None and policy is not first_policy:
+                handle.set_policy(policy)
+            prompts = client.PromptSource(vocab, spec.prompt_len, seed=spec.seed)
+            client.burst(handle.base_url, "bench", prompts, 1, 2)  # warm-up: first-request costs stay out
+            base = {"label": label, "target": target.label, "policy": policy.name if policy else None}
+            for batch in spec.batches:
+                progress(f"{label}: batch {batch}", done[0])
+                results["sweep"].append({**base, **_sweep_row(handle, spec, prompts, batch)})
+                done[0] += 1
+                save()
+            for rate in spec.rates:
+                progress(f"{label}: {rate:g} req/s", done[0])
+                results["online"].append({**base, **_online_row(handle, spec, prompts, rate)})
+                done[0] += 1
+                save()
+    finally:
+        handle.stop()
+
+
+def _autotune(results: dict, target: Target, db: Engine) -> Target:
+    """Replace the flex target's `auto` placeholder by the policy tuned from this run's stock sweep."""
+    from workbench.bench.autotune import save_tuned_policy, tune_policy
+
+    # Baselines: stock engines, or (CPU runtime) the merged checkpoint pinned to one variant.
+    baselines = [r | {"variant": t["variant"], "kernel": t["kernel"]}
+                 for r in results["sweep"] for t in results["targets"]
+                 if t["label"] == r["target"] and t["variant"] not in (None, "bf16")]
+    if not baselines:
+        raise ValueError("the auto policy is tuned from the baselines' sweep, and no baseline was measured; "
+                         "add --baseline w8a8=DIR and --baseline w4a16-marlin=DIR (or pinned variants)")
+    tuned = tune_policy(baselines, name="auto")
+    record = save_tuned_policy(db, tuned)
+    results["autotune"] = {"policy_name": tuned.policy.name, "policy_id": record.id, "kernel": tuned.kernel,
+                           "policy_yaml": record.body_yaml, "data": tuned.data}
+    return with_policies(target, [tuned.policy], tuned.kernel)
+
+
+def _spec_dict(spec: BenchSpec) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
+
+
+def _resumed(out_json: Path, spec: BenchSpec, command: str) -> tuple[dict, set[str]]:
+    """The earlier results at `out_json` with only its fully measured targets, and their labels."""
+    old = json.loads(out_json.read_text())
+    if old.get("schema") != SCHEMA or old.get("spec") != _spec_dict(spec):
+        raise ValueError(f"{out_json} holds results of another workload (spec {old.get('spec')}); resume only "
+                         "with the same settings, or choose another --out folder")
+    per_label = len(spec.batches) + len(spec.rates)
+    rows = old["sweep"] + old["online"]
+    done = {t["label"] for t in old["targets"]
+            if t.get("error") is None and t.get("engine_start_s") is not None
+            and sum(r["target"] == t["label"] for r in rows) == per_label * max(1, len(t.get("policies") or []))}
+    old["targets"] = [t for t in old["targets"] if t["label"] in done]
+    old["sweep"] = [r for r in old["sweep"] if r["target"] in done]
+    old["online"] = [r for r in old["online"] if r["target"] in done]
+    old["errors"] = []
+    old.setdefault("resumed", []).append({"at": time.time(), "command": command, "kept": sorted(done)})
+    return old, done
+
+
+def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Engine, settings: Settings,
+              command: str = "", progress: Progress | None = None, resume: bool = False) -> dict:
+    """Measure every target; return the results dict (also at `out_json` and in a `Run` row).
+
+    `resume`: keep the fully measured targets of an earlier run at `out_json` (same spec) and measure
+    only the others — a long benchmark split over several sessions of one machine."""
+    if not targets:
+        raise ValueError("nothing to measure: give a merged checkpoint and/or baselines")
+    progress = progress or (lambda what, done: log.info("bench: %s", what))
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    # Baselines first: the auto policy is tuned from their sweep.
+    ordered = [t for t in targets if t.variant is not None] + [t for t in targets if t.variant is None]
+    if resume and out_json.exists():
+        results, kept = _resumed(out_json, spec, command)
+        ordered = [t for t in ordered if t.label not in kept]
+        results.update(status="running", ended_at=None)
+    else:
+        results = {"schema": SCHEMA, "status": "running", "started_at": time.time(), "ended_at": None,
+                   "command": command, "machine": _machine(settings, spec), "spec": _spec_dict(spec),
+                   "targets": [], "sweep": [], "online": [], "autotune": None, "errors": []}
+    run_id = create_run(db, runtime=spec.runtime, checkpoint_path=str(targets[-1].checkpoint), kind="bench",
+                        policy_name=",".join(l for t in ordered for l in t.measurement_labels()),
+                        config={"spec": results["spec"], "out_json": str(out_json)})
+    results["run_id"] = run_id
+
+    def save() -> None:
+        _write_json(out_json, results)
+
+    done = [0]
+    save()
+    try:
+        for target in ordered:
+            try:
+                if target.auto_policy:
+                    target = _autotune(results, target, db)
+                _measure_target(target, spec, results, db=db, settings=settings, save=save,
+                                progress=progress, done=done)
+            except Exception as exc:  # noqa: BLE001 - one target failing must not lose the others
+                log.exception("bench target %s failed", target.label)
+                results["errors"].append(f"target {target.label}: {exc}")
+                if results["targets"] and results["targets"][-1]["label"] == target.label:
+                    results["targets"][-1]["error"] = str(exc)
+                save()
+        results["status"] = "complete" if not results["errors"] else "failed"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+        raise
+    finally:
+        results["ended_at"] = time.time()
+        save()
+        end_run(db, run_id, status={"complete": "ended"}.get(results["status"], results["status"]), result=results)
+    return results

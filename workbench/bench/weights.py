@@ -1,0 +1,61 @@
+"""Weight bytes a decode step must read, from a checkpoint's safetensors headers (no tensor is loaded).
+
+At batch 1 a decode step is bound by reading every weight it uses once from HBM: the linears of
+the variant that runs, the norms and the LM head. The input embedding is a lookup of one row per
+token, so it does not count unless it is tied to the LM head (then the head reads it). The HBM
+roofline of a step is these bytes / the memory bandwidth (3.35 TB/s on an H100 SXM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workbench import ckpt_format as fmt
+from workbench.quant.ckpt_io import read_safetensors_header, weight_files
+
+__all__ = ["H100_HBM_TB_S", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
+
+H100_HBM_TB_S = 3.35
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def tensor_bytes(ckpt_dir: Path) -> dict[str, int]:
+    """Stored size of every tensor of the checkpoint, by key."""
+    sizes: dict[str, int] = {}
+    for path in weight_files(Path(ckpt_dir)):
+        header, _ = read_safetensors_header(path)
+        for key, entry in header.items():
+            start, end = entry["data_offsets"]
+            sizes[key] = end - start
+    return sizes
+
+
+def decode_bytes_per_step(ckpt_dir: Path, variant: str | None = None) -> int:
+    """Bytes one decode step reads: a merged checkpoint's shared tensors plus `variant`'s linears;
+    a single-variant or BF16 checkpoint's whole weights (`variant` is then ignored)."""
+    ckpt_dir = Path(ckpt_dir)
+    config = fmt.read_config(ckpt_dir)
+    sizes = tensor_bytes(ckpt_dir)
+    tied = bool(config.get("tie_word_embeddings"))
+    qcfg = config.get("quantization_config") or {}
+    variants = list(qcfg.get("variants") or {}) if qcfg.get("quant_method") == fmt.QUANT_METHOD else []
+    if variants and variant not in variants:
+        raise ValueError(f"{ckpt_dir.name} is a merged checkpoint with variants {variants}; name one of them, "
+                         f"not {variant!r}")
+    total = 0
+    for key, nbytes in sizes.items():
+        if key == EMBED_KEY and not tied:
+            continue
+        split = fmt.split_variant_key(key, variants) if variants else None
+        if split is not None and split[1] != variant:
+            continue  # another variant's copy of this linear: resident, but not read by this step
+        total += nbytes
+    return total
+
+
+def roofline_fraction(weight_bytes: int, step_ms: float, hbm_tb_s: float = H100_HBM_TB_S) -> float:
+    """Share of the HBM roofline a decode step reaches: the ideal time to read its weights / the step time."""
+    if step_ms <= 0:
+        raise ValueError(f"step time must be > 0 ms, got {step_ms}")
+    return (weight_bytes / (hbm_tb_s * 1e12)) / (step_ms / 1000)
+
