@@ -104,8 +104,8 @@ def resolve_start_method(requested: str) -> str:
     return "fork" if sys.platform.startswith("linux") and not _cuda_driver_loaded() else "spawn"
 
 
-def _die_with_parent() -> None:
-    # The kernel SIGKILLs this process when the worker dies, however it dies (Linux).
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies, however it dies (Linux)."""
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -136,7 +136,7 @@ def start_job_process(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 
@@ -152,7 +152,7 @@ def _fork(db_path: Path, data_dir: Path, job_id: int, worker_id: str, log_path: 
         try:
             os.close(ready_r)
             os.setsid()
-            _die_with_parent()
+            die_with_parent()
             os.close(ready_w)  # tells the worker our process group exists
             out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(out, 1)

@@ -40,8 +40,10 @@ from workbench.quant.recipe import QuantRecipe  # noqa: E402
 def cpu_seconds() -> float:
     """CPU time of this process so far. On a shared machine wall time measures the neighbours too;
     with one torch thread, CPU time is close to what the run takes on an idle core."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    # Children too: variants may be quantized side by side in child processes (workbench.quant.parallel);
+    # a child's time counts once it has exited.
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 class PrintReporter(Reporter):

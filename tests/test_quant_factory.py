@@ -195,3 +195,43 @@ def test_smollm2_quantize_merge_export_generate(default_model_dir, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(export_variant(out, variant, tmp_path / variant))
         text = tokenizer.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :])
         assert "Paris" in text, (variant, text)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_variants_side_by_side_give_the_same_checkpoint(tiny_source, tmp_path, monkeypatch):
+    """One process per variant (what SmolLM2-sized models get on a CPU) = one after the other, bit for bit."""
+    recipe = QuantRecipe(num_samples=4, seq_len=32)
+    monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "0")
+    sequential = quantize_and_merge(tiny_source, tmp_path / "seq", recipe, reporter=RecordingReporter(),
+                                    work_dir=tmp_path / "w1")
+    monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "1")
+    reporter = RecordingReporter()
+    parallel = quantize_and_merge(tiny_source, tmp_path / "par", recipe, reporter=reporter, work_dir=tmp_path / "w2")
+    assert check_checkpoint(parallel).ok
+    a, b = _tensors(sequential), _tensors(parallel)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    stages = [s for s, _, _ in reporter.updates]
+    assert "quantize w8a8+w4a16" in stages and "quantize w8a8" not in stages
+    side = [m for s, _, m in reporter.updates if s == "quantize w8a8+w4a16"]
+    assert any("w8a8 layer" in m and "w4a16" in m for m in side), side[-3:]
+    assert any("side by side" in line for line in reporter.lines)
+    percents = [p for _, p, _ in reporter.updates]
+    assert percents == sorted(percents)  # the mean of two children never goes backwards
+
+
+def test_cancel_while_variants_run_side_by_side_kills_them(tiny_source, tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "1")
+    reporter = RecordingReporter(cancel_at="quantize w8a8+w4a16")
+    with pytest.raises(Cancelled):
+        quantize_and_merge(tiny_source, tmp_path / "out", QuantRecipe(num_samples=4, seq_len=32),
+                           reporter=reporter, work_dir=tmp_path / "work")
+    assert not (tmp_path / "out").exists()
+    assert multiprocessing.active_children() == []

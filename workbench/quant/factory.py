@@ -21,6 +21,7 @@ import torch
 
 from workbench.quant.ckpt_io import tool_versions
 from workbench.quant.merge import merge_variants
+from workbench.quant.parallel import quantize_variants_in_parallel, use_parallel_variants
 from workbench.quant.recipe import (
     IGNORED_MODULES,
     VARIANT_SPECS,
@@ -312,7 +313,20 @@ def quantize_and_merge(
         timings["smooth"] = time.monotonic() - t
     variant_dirs = {}
     step = (QUANT_END - SMOOTH_END) / len(recipe.variants)
+    if use_parallel_variants(len(recipe.variants), (info.num_params or 0) * 2):
+        reporter.check_cancelled()
+        t = time.monotonic()
+        variant_dirs, seconds = quantize_variants_in_parallel(
+            base_dir, source_dir, work_dir / "variants", recipe=recipe, group_sizes=group_sizes,
+            reporter=reporter, lo=SMOOTH_END, hi=QUANT_END,
+        )
+        timings.update(seconds)
+        timings["variants_wall"] = time.monotonic() - t
+        reporter.log(f"variants quantized side by side in {timings['variants_wall']:.1f} s "
+                     f"({', '.join(f'{v} {x:.1f} s' for v, x in seconds.items())})")
     for i, v in enumerate(recipe.variants):
+        if v in variant_dirs:
+            continue
         reporter.check_cancelled()
         t = time.monotonic()
         lo = SMOOTH_END + i * step
