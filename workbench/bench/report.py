@@ -1,0 +1,514 @@
+"""Bench results (schema "flexquant-bench/1") -> DataFrames, goal verdicts, README table, one HTML file.
+
+Pure functions of the results dict, except `load_results` and `write_report`. Every verdict is a ratio
+of two measurements from the same run (flex / reference); a lone absolute time is never a verdict.
+"Best single variant" means the best stock target, excluding BF16 (not a variant of the merged
+checkpoint) unless `include_bf16=True`. Where either side was not measured, `met` is None ("no data").
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = [
+    "SCHEMA",
+    "ResultsError",
+    "check_results",
+    "default_flex_label",
+    "frames",
+    "goal_verdicts",
+    "goals",
+    "headline_markdown",
+    "load_results",
+    "memory",
+    "roofline",
+    "write_report",
+]
+
+SCHEMA = "flexquant-bench/1"
+STATUSES = ("complete", "interrupted", "failed")
+TARGET_TEXT = "label kind variant kernel checkpoint error".split()
+TARGET_NUMBERS = "weight_memory_gib weight_bytes_b1 engine_start_s".split()
+ROW_TEXT = "label target kind policy".split()
+SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms".split()
+ONLINE_NUMBERS = (
+    "rate requests completed errors duration_s output_throughput_tok_s request_throughput".split()
+)
+LATENCIES, STATS = ("ttft", "tpot", "itl"), ("mean", "p50", "p90", "p99")
+GOAL_COLUMNS = "goal name metric where flex_label flex reference_label reference ratio op limit met".split()
+# The goals of issue #5 measured per batch ("sweep") or per arrival rate ("online"): (goal, name,
+# section, metric, reference, op, limit), met when flex / reference `op` limit. Reference "w8a8": the
+# W8A8-only target; "best": the best single variant; "w4a16": the better W4A16 target (lower TTFT is
+# the stricter reading of "W4A16-only"). Goal 4 is `roofline()`, goal 5 (memory) is added in `goals`.
+GOALS = [
+    (1, "TTFT <= 1.03x W8A8-only", "sweep", "prefill_s", "w8a8", "<=", 1.03),
+    (1, "TTFT <= 1.03x W8A8-only", "online", "ttft_p50_ms", "w8a8", "<=", 1.03),
+    (2, "TPOT <= 1.03x best single variant", "sweep", "tpot_ms", "best", "<=", 1.03),
+    (2, "TPOT <= 1.03x best single variant", "online", "tpot_p50_ms", "best", "<=", 1.03),
+    (3, "online p50 TPOT >= 15% below W8A8-only", "online", "tpot_p50_ms", "w8a8", "<=", 0.85),
+    (3, "online p50 TTFT >= 35% below the better W4A16-only", "online", "ttft_p50_ms", "w4a16", "<=", 0.65),
+    (
+        3,
+        "online output throughput >= best single variant",
+        "online",
+        "output_throughput_tok_s",
+        "best",
+        ">=",
+        1.0,
+    ),
+]
+
+
+class ResultsError(ValueError):
+    """Not a flexquant-bench/1 result; the message names the source and each problem."""
+
+
+def load_results(path: str | Path) -> dict:
+    """Read and check a results JSON file (`check_results`)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ResultsError(f"cannot read bench results {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ResultsError(
+            f"{path} is not JSON ({exc.msg}, line {exc.lineno}); is it a bench results file?"
+        ) from None
+    return check_results(results, source=str(path))
+
+
+def _is_number(value: object, *, null_ok: bool = True) -> bool:
+    if value is None:
+        return null_ok
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _row_problems(section: str, i: int, row: object, labels: list[str]) -> list[str]:
+    where = f"{section}[{i}]"
+    if not isinstance(row, dict) or not isinstance(row.get("label"), str):
+        return [f"{where} needs a string label"]
+    where = f"{where} ({row['label']})"
+    load, numbers = ("batch", SWEEP_NUMBERS[1:]) if section == "sweep" else ("rate", ONLINE_NUMBERS[1:])
+    problems = [f"{where}: {key} must be a number or null" for key in numbers if not _is_number(row.get(key))]
+    if row.get("target") not in labels:
+        problems.append(f"{where}: target {row.get('target')!r} is not one of the target labels {labels}")
+    if not _is_number(row.get(load), null_ok=False) or row[load] <= 0:
+        problems.append(f"{where}: {load} must be a positive number")
+    if not isinstance(row.get("variant_share") or {}, dict):
+        problems.append(f"{where}: variant_share must be a mapping variant -> share")
+    if section == "online":
+        problems += [
+            f"{where}: {m}_ms must be a mapping with {list(STATS)} or null"
+            for m in LATENCIES
+            if not isinstance(row.get(f"{m}_ms") or {}, dict)
+        ]
+    return problems
+
+
+def check_results(results: object, source: str = "results") -> dict:
+    """`results` unchanged if it has the flexquant-bench/1 shape, else ResultsError listing what is wrong."""
+    if not isinstance(results, dict):
+        raise ResultsError(f"{source}: expected a JSON object, got {type(results).__name__}")
+    problems = []
+    if results.get("schema") != SCHEMA:
+        problems.append(
+            f"schema is {results.get('schema')!r}, expected {SCHEMA!r} (written by another version?)"
+        )
+    if results.get("status") not in STATUSES:
+        problems.append(f"status is {results.get('status')!r}, expected one of {list(STATUSES)}")
+    for key, kind in (
+        ("machine", dict),
+        ("spec", dict),
+        ("targets", list),
+        ("sweep", list),
+        ("online", list),
+        ("errors", list),
+    ):
+        if not isinstance(results.get(key), kind):
+            problems.append(f"{key} is missing or not a {'list' if kind is list else 'mapping'}")
+    if results.get("autotune") is not None and not isinstance(results.get("autotune"), dict):
+        problems.append("autotune must be null or a mapping (policy_name, policy_yaml, kernel, data)")
+    labels: list[str] = []
+    for i, target in enumerate(results.get("targets") if isinstance(results.get("targets"), list) else []):
+        if not isinstance(target, dict) or not isinstance(target.get("label"), str):
+            problems.append(f"targets[{i}] needs a string label")
+            continue
+        labels.append(target["label"])
+        if target.get("kind") not in ("stock", "flex"):
+            problems.append(f"targets[{i}] ({target['label']}): kind must be 'stock' or 'flex'")
+        problems += [
+            f"targets[{i}].{key} must be a number or null"
+            for key in TARGET_NUMBERS
+            if not _is_number(target.get(key))
+        ]
+    if len(set(labels)) < len(labels):
+        problems.append(f"target labels repeat: {sorted({x for x in labels if labels.count(x) > 1})}")
+    for section in ("sweep", "online"):
+        rows = results.get(section) if isinstance(results.get(section), list) else []
+        for i, row in enumerate(rows):
+            problems += _row_problems(section, i, row, labels)
+    if problems:
+        shown = "; ".join(problems[:12]) + (f"; and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise ResultsError(f"{source} is not a valid {SCHEMA} result: {shown}")
+    return results
+
+
+def _frame(rows: list[dict], text: list[str], numbers: list[str], extra: list[str] = ()) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=[*text, *numbers, *extra])
+    for column in numbers:
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype(float)
+    return df
+
+
+def frames(results: dict) -> dict[str, pd.DataFrame]:
+    """{"targets", "sweep", "online"}: one row per target / sweep point / online point, numbers as float
+    (NaN where a measurement failed), online latencies flattened to `ttft_p50_ms`, `itl_p99_ms`, ...;
+    sweep and online rows carry their target's `kind`."""
+    targets = _frame(
+        [{k: t.get(k) for k in TARGET_TEXT + TARGET_NUMBERS} for t in results["targets"]],
+        TARGET_TEXT,
+        TARGET_NUMBERS,
+    )
+    kind_of = dict(zip(targets["label"], targets["kind"], strict=True))
+
+    def base(row: dict) -> dict:
+        return {**row, "kind": kind_of.get(row["target"]), "variant_share": row.get("variant_share") or {}}
+
+    sweep = _frame([base(r) for r in results["sweep"]], ROW_TEXT, SWEEP_NUMBERS, ["variant_share"])
+    latency = [f"{m}_{s}_ms" for m in LATENCIES for s in STATS]
+    flat = [
+        {**base(r), **{f"{m}_{s}_ms": (r.get(f"{m}_ms") or {}).get(s) for m in LATENCIES for s in STATS}}
+        for r in results["online"]
+    ]
+    online = _frame(flat, ROW_TEXT, ONLINE_NUMBERS + latency, ["variant_share"])
+    return {"targets": targets, "sweep": sweep, "online": online}
+
+
+def _flex_rows(results: dict) -> list[dict]:
+    """Sweep and online rows measured on a FlexQuant target (labelled "<target>:<policy>")."""
+    flex = {t["label"] for t in results["targets"] if t.get("kind") == "flex"}
+    return [r for r in results["sweep"] + results["online"] if r["target"] in flex]
+
+
+def default_flex_label(results: dict) -> str | None:
+    """The label of the auto-tuned policy's measurement if there is one, else the only FlexQuant label,
+    else None (no FlexQuant measurement)."""
+    tuned = (results.get("autotune") or {}).get("policy_name")
+    rows = _flex_rows(results)
+    for row in rows:
+        if tuned and row.get("policy") == tuned:
+            return row["label"]
+    measured = sorted({r["label"] for r in rows})
+    if len(measured) > 1:
+        raise ValueError(
+            f"several FlexQuant labels were measured ({measured}) and none is the auto-tuned "
+            "policy's; pass flex_label= one of them"
+        )
+    return measured[0] if measured else None
+
+
+def _stock(targets: pd.DataFrame, variant: str | None = None, include_bf16: bool = False) -> list[str]:
+    """Stock target labels: of one variant, or all single variants (BF16 only if asked)."""
+    stock = targets[targets["kind"] == "stock"]
+    if variant is not None:
+        return stock.loc[stock["variant"] == variant, "label"].tolist()
+    return stock.loc[include_bf16 | (stock["variant"] != "bf16"), "label"].tolist()
+
+
+def _value(df: pd.DataFrame, label: str | None, load: str, at: float, metric: str) -> float:
+    hit = df.loc[(df["label"] == label) & (df[load] == at), metric]
+    return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def _best(df: pd.DataFrame, labels: list[str], load: str, at: float, metric: str, lowest: bool = True):
+    """(label, value) of the best measured among `labels` at this load; (None, nan) if none was."""
+    values = {lab: _value(df, lab, load, at, metric) for lab in labels}
+    values = {lab: v for lab, v in values.items() if not math.isnan(v)}
+    if not values:
+        return None, math.nan
+    label = (min if lowest else max)(values, key=values.get)
+    return label, values[label]
+
+
+def _goal_row(goal, name, metric, where, flex, value, ref_label, ref, op, limit) -> dict:  # noqa: ANN001
+    ratio = value / ref if ref and not math.isnan(value) and not math.isnan(ref) else math.nan
+    met = None if math.isnan(ratio) else bool(ratio <= limit if op == "<=" else ratio >= limit)
+    return dict(
+        zip(
+            GOAL_COLUMNS,
+            (goal, name, metric, where, flex, value, ref_label, ref, ratio, op, limit, met),
+            strict=True,
+        )
+    )
+
+
+def goals(results: dict, flex_label: str | None = None, *, include_bf16: bool = False) -> pd.DataFrame:
+    """One row per goal of issue #5 and batch/rate (every batch and rate of the spec, measured or not):
+    flex value, reference label and value, ratio = flex / reference, `op`, `limit` and `met`."""
+    flex = flex_label or default_flex_label(results)
+    if flex is None:
+        return pd.DataFrame(columns=GOAL_COLUMNS)
+    fr = frames(results)
+    targets = fr["targets"]
+    flex_rows = [r for r in _flex_rows(results) if r["label"] == flex]
+    if not flex_rows:
+        labels = sorted({r["label"] for r in _flex_rows(results)})
+        raise ValueError(f"no FlexQuant measurement is labelled {flex!r}; the FlexQuant labels are {labels}")
+    candidates = {"best": _stock(targets, include_bf16=include_bf16), "w4a16": _stock(targets, "w4a16")}
+    w8a8, bf16 = (_stock(targets, "w8a8") or [None])[0], (_stock(targets, "bf16") or [None])[0]
+    loads = {"sweep": ("batch", "batch {:g}", "batches"), "online": ("rate", "rate {:g} req/s", "rates")}
+    rows = []
+    for goal, name, section, metric, reference, op, limit in GOALS:
+        df = fr[section]
+        load, where, spec_key = loads[section]
+        for at in sorted(set(results["spec"].get(spec_key) or []) | set(df[load].dropna())):
+            if reference == "w8a8":
+                ref_label, ref = w8a8, _value(df, w8a8, load, at, metric)
+            else:
+                ref_label, ref = _best(df, candidates[reference], load, at, metric, lowest=op == "<=")
+            value = _value(df, flex, load, at, metric)
+            rows.append(
+                _goal_row(goal, name, metric, where.format(at), flex, value, ref_label, ref, op, limit)
+            )
+    gib = targets.set_index("label")["weight_memory_gib"]
+    flex_gib, bf16_gib = gib.get(flex_rows[0]["target"], math.nan), gib.get(bf16, math.nan)
+    name = "weight memory <= 0.8x BF16"
+    rows.append(
+        _goal_row(5, name, "weight_memory_gib", "resident weights", flex, flex_gib, bf16, bf16_gib, "<=", 0.8)
+    )
+    return pd.DataFrame(rows, columns=GOAL_COLUMNS)
+
+
+def _verdict(known: pd.Series, missing: int) -> str:
+    if known.empty:
+        return "no data"
+    if not bool(known.all()):
+        return "NOT met"
+    return "incomplete" if missing else "met"
+
+
+def goal_verdicts(goal_rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per goal: "met" (at every point), "NOT met" (at some point), "incomplete" (met where
+    measured, some points not measured) or "no data"; the worst ratio, where, and how many points are
+    missing."""
+    out = []
+    for (goal, name), part in goal_rows.groupby(["goal", "name"], sort=False):
+        known = part[part["met"].notna()]
+        worst = {"ratio": math.nan, "where": ""}
+        if not known.empty:
+            worst = known.loc[
+                known["ratio"].idxmax() if part["op"].iloc[0] == "<=" else known["ratio"].idxmin()
+            ]
+        missing = len(part) - len(known)
+        out.append((goal, name, _verdict(known["met"], missing), worst["ratio"], worst["where"], missing))
+    return pd.DataFrame(out, columns=["goal", "name", "verdict", "worst_ratio", "where", "missing"])
+
+
+def _batch1_variant(policy: str | None, share: dict) -> str | None:
+    """The variant a (not auto-tuned) flex policy decodes batch 1 with: a fixed `all-<variant>` policy's,
+    else the variant that ran most of the batch-1 steps (one prefill step, then decode steps)."""
+    if policy and re.fullmatch(r"all-[a-z0-9_]+", policy):
+        return policy.removeprefix("all-")
+    return max(share, key=share.get) if share else None
+
+
+def roofline(results: dict) -> pd.DataFrame:
+    """Goal 4: batch-1 decode step vs the HBM roofline per label, fraction = (weight_bytes_b1 / HBM
+    bandwidth) / TPOT. The auto-tuned flex label uses the flex target's weight_bytes_b1 (the bytes of
+    its batch-1 variant, as the runner records them); another flex policy uses the stock target of the
+    variant it decodes batch 1 with."""
+    fr = frames(results)
+    targets, sweep = fr["targets"], fr["sweep"]
+    bytes_of = targets.set_index("label")["weight_bytes_b1"]
+    hbm_bytes_s = (results["machine"].get("hbm_tb_s") or math.nan) * 1e12
+    tuned = (results.get("autotune") or {}).get("policy_name")
+    rows = []
+    for row in sweep[sweep["batch"] == 1].itertuples():
+        source = row.target
+        if row.kind == "flex" and (tuned is None or row.policy != tuned):
+            variant = _batch1_variant(row.policy, row.variant_share)
+            same = (
+                [lab for lab in _stock(targets, variant) if not math.isnan(bytes_of[lab])] if variant else []
+            )
+            source = f"{same[0]} (same variant)" if same else source
+        weight_bytes = float(bytes_of[source.removesuffix(" (same variant)")])
+        roofline_ms = weight_bytes / hbm_bytes_s * 1000
+        fraction = roofline_ms / row.tpot_ms
+        rows.append((row.label, row.kind, row.tpot_ms, weight_bytes, source, roofline_ms, fraction))
+    columns = ["label", "kind", "tpot_ms", "weight_bytes_b1", "bytes_from", "roofline_ms", "fraction"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def memory(results: dict) -> pd.DataFrame:
+    """Goal 5: resident weight memory per target and its ratio to the BF16 target's (NaN without one)."""
+    targets = frames(results)["targets"]
+    bf16 = targets.loc[(targets["kind"] == "stock") & (targets["variant"] == "bf16"), "weight_memory_gib"]
+    out = targets[["label", "kind", "variant", "kernel", "weight_memory_gib"]].copy()
+    out["ratio_to_bf16"] = out["weight_memory_gib"] / (float(bf16.iloc[0]) if len(bf16) else math.nan)
+    return out
+
+
+def _ratio(value: float, note: object = None) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}×" + (f" ({note})" if isinstance(note, str) and note else "")
+
+
+def headline_markdown(results: dict, flex_label: str | None = None) -> str:
+    """The README table: per batch and per rate, flex TTFT and TPOT as ratios to W8A8-only and to the
+    better W4A16 target at that point (below 1: FlexQuant is faster), then each goal's verdict."""
+    flex = flex_label or default_flex_label(results)
+    if flex is None:
+        return "_No FlexQuant measurement in this run._\n"
+    fr, machine = frames(results), results["machine"]
+    targets = fr["targets"]
+    kernel_of = targets.set_index("label")["kernel"]
+    w8a8, w4a16 = (_stock(targets, "w8a8") or [None])[0], _stock(targets, "w4a16")
+    lines = [
+        f"`{flex}` vs single variants, one run on {machine.get('gpu', '?')}, "
+        f"vLLM {machine.get('vllm', '?')}. Ratio = FlexQuant / single variant (below 1: FlexQuant is "
+        "faster); batch rows: TTFT = prefill time of the batch; rate rows: p50.",
+        "",
+        "| load | TTFT vs W8A8 | TTFT vs best W4A16 | TPOT vs W8A8 | TPOT vs best W4A16 |",
+        "|---|---|---|---|---|",
+    ]
+    points = []
+    for df, load, unit, ttft, tpot in (
+        (fr["sweep"], "batch", "batch {:g}", "prefill_s", "tpot_ms"),
+        (fr["online"], "rate", "{:g} req/s", "ttft_p50_ms", "tpot_p50_ms"),
+    ):
+        for at in sorted(df.loc[df["label"] == flex, load].unique()):
+            points.append((df, load, at, unit.format(at), ttft, tpot))
+    for df, load, at, where, ttft, tpot in points:
+        cells = []
+        for metric in (ttft, tpot):
+            value = _value(df, flex, load, at, metric)
+            cells.append(_ratio(value / _value(df, w8a8, load, at, metric)))
+            best_label, best = _best(df, w4a16, load, at, metric)
+            cells.append(_ratio(value / best, kernel_of.get(best_label)))
+        lines.append(f"| {where} | " + " | ".join(cells) + " |")
+    lines += ["", "| goal | verdict | worst ratio | at |", "|---|---|---|---|"]
+    for v in goal_verdicts(goals(results, flex)).itertuples():
+        missing = f" ({v.missing} point(s) not measured)" if v.missing and v.verdict != "no data" else ""
+        lines.append(f"| {v.goal}. {v.name} | {v.verdict}{missing} | {_ratio(v.worst_ratio)} | {v.where} |")
+    for r in roofline(results).query("label == @flex").itertuples():
+        lines += [
+            "",
+            f"Batch-1 decode step of `{flex}`: {r.tpot_ms:.2f} ms, {r.fraction:.0%} of the HBM roofline "
+            f"({r.weight_bytes_b1 / 1e9:.1f} GB read per step at {machine.get('hbm_tb_s')} TB/s).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _table(df: pd.DataFrame, table_id: str) -> str:
+    shown = df.copy()
+    if "met" in shown:
+        shown["met"] = shown["met"].map({True: "yes", False: "NO"}).fillna("no data")
+    return shown.to_html(
+        index=False,
+        table_id=table_id,
+        na_rep="—",
+        float_format=lambda v: f"{v:.4g}",
+        border=0,
+        classes="data",
+    )
+
+
+def _key_values(mapping: dict) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in mapping.items()
+    )
+    return f"<table class='kv'>{cells}</table>"
+
+
+def render_report(results: dict, *, plotlyjs: str = "cdn", flex_label: str | None = None) -> str:
+    """The whole report as one HTML string: run facts, figures, goals, roofline, memory, errors, and
+    the raw results JSON embedded (`<script id="bench-results" type="application/json">`)."""
+    from workbench.bench import figures  # plotly only when drawing
+
+    if plotlyjs not in ("cdn", "inline"):
+        raise ValueError(
+            f"plotlyjs must be 'cdn' (needs network to view) or 'inline' (self-contained), not {plotlyjs!r}"
+        )
+    fr = frames(results)
+    sweep, online = fr["sweep"], fr["online"]
+    flex = flex_label or default_flex_label(results)
+    goal_rows = goals(results, flex)
+    shown = [
+        ("fig-sweep-prefill", figures.sweep_figure(sweep, "prefill_s")),
+        ("fig-sweep-tpot", figures.sweep_figure(sweep, "tpot_ms")),
+        ("fig-online-ttft", figures.online_figure(online, "ttft_p50_ms")),
+        ("fig-online-tpot", figures.online_figure(online, "tpot_p50_ms")),
+        ("fig-online-throughput", figures.online_figure(online, "output_throughput_tok_s")),
+        (
+            "fig-variant-share",
+            figures.variant_share_figure(sweep if online.empty else pd.concat([sweep, online])),
+        ),
+    ]
+    divs = [
+        fig.to_html(
+            full_html=False,
+            include_plotlyjs=(True if plotlyjs == "inline" else "cdn") if i == 0 else False,
+            div_id=div_id,
+            config={"displaylogo": False},
+        )
+        for i, (div_id, fig) in enumerate(shown)
+    ]
+    machine, esc = results["machine"], html.escape
+    title = f"FlexQuant bench — {machine.get('gpu', 'unknown GPU')} — {results['status']}"
+    tuned = results.get("autotune") or {}
+    errors = "".join(f"<li>{esc(str(e))}</li>" for e in results["errors"]) or "<li>none</li>"
+    # "</script>" inside a string of the results must not end the script element.
+    raw = json.dumps(results, sort_keys=True).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} .grid{{display:grid;
+grid-template-columns:1fr 1fr;gap:1em}} table.data,table.kv{{border-collapse:collapse;font-size:14px}}
+td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}} pre{{background:#f6f6f6;padding:8px}}</style>
+</head><body>
+<h1>{esc(title)}</h1>
+<p>Status <b>{esc(results["status"])}</b>. Command: <code>{esc(str(results.get("command", "")))}</code>.
+Every comparison below is a ratio of two measurements from this run (flex / reference).</p>
+<h2>Machine</h2>{_key_values(machine)}
+<h2>Workload</h2>{_key_values(results["spec"])}
+<section id="headline-figures" class="grid">{"".join(divs[:4])}</section>
+<section class="grid">{"".join(divs[4:])}</section>
+<h2>Goals ({esc(str(flex))})</h2>{_table(goal_verdicts(goal_rows), "goal-verdicts")}
+<details open><summary>every point</summary>{_table(goal_rows, "goals")}</details>
+<h2>Batch-1 decode step vs HBM roofline</h2>{_table(roofline(results), "roofline")}
+<h2>Resident weight memory</h2>{_table(memory(results), "memory")}
+<h2>Auto-tuned policy</h2><p>int4 kernel: {esc(str(tuned.get("kernel")))}</p>
+<pre>{esc(tuned.get("policy_yaml") or "no auto-tuned policy in this run")}</pre>
+<h2>Errors</h2><ul id="errors">{errors}</ul>
+<script type="application/json" id="bench-results">{raw}</script>
+</body></html>
+"""
+
+
+def write_report(
+    results: dict, html_path: str | Path, *, plotlyjs: str = "cdn", flex_label: str | None = None
+) -> Path:
+    """Write `render_report` to `html_path` atomically (temp file beside it, then rename)."""
+    return write_text_atomic(
+        Path(html_path), render_report(results, plotlyjs=plotlyjs, flex_label=flex_label)
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """A reader sees the old file or the whole new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
