@@ -36,11 +36,15 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's benchmark flag: run to max_tokens whatever the model says
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Streamed to the request's callback: new text (may be empty), and finish_reason on the last."""
+    """Streamed to the request's callback: new text (may be empty), and finish_reason on the last.
+
+    The token that ends a request by length carries its finish_reason (as vLLM streams it); a stop
+    on EOS, a cancel or an error comes as an event of its own with token_id None."""
 
     request_id: str
     token_id: int | None
@@ -78,6 +82,7 @@ class CpuEngine:
         self.flex, self.telemetry, self.max_running = flex, telemetry, max_running
         self.tokenizer = flex.tokenizer
         self.max_context = int(getattr(flex.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(flex.model.get_input_embeddings().num_embeddings)
         self.eos_ids = _eos_ids(flex)
         self._policy, self._pending_policy = policy, None
         self._waiting: list[Request] = []
@@ -128,6 +133,8 @@ class CpuEngine:
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"prompt is {len(prompt_ids)} tokens; this model takes at most "
                              f"{self.max_context - 1} (leave room for the reply)")
+        if (bad := next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)) is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
         rid = request_id or f"req-{uuid.uuid4().hex[:12]}"
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         req = Request(rid, list(prompt_ids), params, on_event,
@@ -256,16 +263,16 @@ class CpuEngine:
         now = time.time()
         if req.timing.first_token_ts is None:
             req.timing.first_token_ts = now
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.params.ignore_eos:
             self._finish(req, "stop")
             return
         req.output_ids.append(token)
         req.timing.output_tokens = len(req.output_ids)
-        self._emit(req, token, None)
-        if len(req.output_ids) >= req.params.max_tokens:
-            self._finish(req, "length")
-        elif len(req.prompt_ids) + len(req.output_ids) >= self.max_context:
-            self._finish(req, "length")
+        if (len(req.output_ids) >= req.params.max_tokens
+                or len(req.prompt_ids) + len(req.output_ids) >= self.max_context):
+            self._finish(req, "length", token=token)
+        else:
+            self._emit(req, token, None)
 
     def _emit(self, req: Request, token: int | None, finish: str | None, error: str | None = None) -> None:
         text = ""
@@ -282,14 +289,15 @@ class CpuEngine:
             log.exception("token callback of %s failed; cancelling it", req.request_id)
             req.cancelled = True
 
-    def _finish(self, req: Request, reason: str, *, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, *, error: str | None = None,
+                token: int | None = None) -> None:
         if req.done.is_set():
             return
         req.finish_reason = reason
         req.timing.finished_ts = time.time()
         req.timing.error = error
         req.cache = None  # free the KV cache now, not when the last reference goes
-        self._emit(req, None, reason, error)
+        self._emit(req, token, reason, error)
         req.done.set()
         with self._cond:
             self._by_id.pop(req.request_id, None)
