@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server for the CPU reference engine (FastAPI + uvicorn).
 
-Endpoints: `POST /v1/chat/completions` (SSE streaming and plain), `GET /v1/models`, `GET /health`,
-`GET/PUT /flexquant/policy` (live policy edit, same body as the vLLM server) and
+Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (SSE streaming and plain; the
+latter takes a text or token-id prompt, and both take vLLM's `ignore_eos`), `GET /v1/models`,
+`GET /health`, `GET/PUT /flexquant/policy` (live policy edit, same body as the vLLM server) and
 `GET /flexquant/stats`. CLI:
     python -m workbench.runtime.cpu_server --checkpoint DIR --policy FILE --port N --db PATH [--run-id N]
 """
@@ -14,8 +15,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,26 +32,78 @@ from workbench.runtime.cpu_engine import CpuEngine, SamplingParams, TokenEvent
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 4096
+MAX_PROMPT_CHARS = 200_000
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
-class ChatRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """The fields chat and text completions share."""
+
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
 
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: dict | None = None
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+
+
+class CompletionRequest(GenerationRequest):
+    """`POST /v1/completions` as vLLM takes it, for one prompt: text or a list of token ids."""
+
+    prompt: str | list = Field(max_length=MAX_PROMPT_CHARS)  # the list is checked by `token_prompt`
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_LIMIT)  # None: all the room left
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How one OpenAI response format spells a reply: names, and the fields of its one choice."""
+
+    object: str
+    chunk_object: str
+    id_prefix: str
+    opening: dict | None  # a first streamed choice sent before any token (chat: the role)
+    piece: Callable[[str], dict]  # a streamed piece of text
+    whole: Callable[[str], dict]  # the whole text of a non-streamed reply
+
+
+CHAT_WIRE = Wire("chat.completion", "chat.completion.chunk", "chatcmpl",
+                 opening={"delta": {"role": "assistant", "content": ""}},
+                 piece=lambda text: {"delta": {"content": text}},
+                 whole=lambda text: {"message": {"role": "assistant", "content": text}})
+TEXT_WIRE = Wire("text_completion", "text_completion", "cmpl", opening=None,
+                 piece=lambda text: {"text": text, "logprobs": None},
+                 whole=lambda text: {"text": text, "logprobs": None})
+
+
+def token_prompt(prompt: list, vocab_size: int) -> list[int]:
+    """The token ids of a list `prompt`, or ApiError(400) saying what is wrong with it."""
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list; send a string or a list of token ids", "prompt")
+    if isinstance(prompt[0], str | list):
+        raise ApiError(400, f"prompt is a list of prompts ({len(prompt)}); this server takes one prompt "
+                            "per request (a string or a list of token ids): send them as separate requests",
+                       "prompt")
+    for i, tid in enumerate(prompt):
+        if type(tid) is not int:  # also refuses JSON true/false, which Python counts as ints
+            raise ApiError(400, f"prompt[{i}] is {tid!r}; token ids are integers", "prompt")
+        if not 0 <= tid < vocab_size:
+            raise ApiError(400, f"prompt[{i}] is token id {tid}, outside the model's vocabulary of "
+                                f"{vocab_size} (ids 0..{vocab_size - 1})", "prompt")
+    return prompt
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -131,7 +185,7 @@ def create_app(engine: CpuEngine, *, model_name: str, run_id: int | None = None,
                 "variant_steps": engine.variant_step_counts(),
                 "weight_bytes": engine.flex.weight_bytes(), "memory": report.as_dict()}
 
-    def prompt_ids(req: ChatRequest) -> list[int]:
+    def chat_prompt_ids(req: ChatRequest) -> list[int]:
         if tok is None or not getattr(tok, "chat_template", None):
             raise ApiError(500, "this checkpoint has no tokenizer chat template; "
                                 "re-export it with the source model's tokenizer files")
@@ -139,34 +193,45 @@ def create_app(engine: CpuEngine, *, model_name: str, run_id: int | None = None,
                                        add_generation_prompt=True)
         return tok.encode(text, add_special_tokens=False)
 
-    def sampling(req: ChatRequest, n_prompt: int) -> SamplingParams:
+    def text_prompt_ids(req: CompletionRequest) -> list[int]:
+        if isinstance(req.prompt, list):
+            return token_prompt(req.prompt, engine.vocab_size)
+        if tok is None:
+            raise ApiError(400, "this checkpoint has no tokenizer; send the prompt as a list of token ids",
+                           "prompt")
+        ids = tok.encode(req.prompt)  # with the tokenizer's special tokens (BOS), as vLLM does
+        if not ids:
+            raise ApiError(400, "prompt is empty; send some text or a list of token ids", "prompt")
+        return ids
+
+    def sampling(req: GenerationRequest, n_prompt: int, *, max_tokens: int | None,
+                 default_max: int, prompt_param: str) -> SamplingParams:
         if req.model not in (None, "", model_name):
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_name!r}",
                            "model")
         room = engine.max_context - n_prompt
         if room < 1:
             raise ApiError(400, f"the prompt is {n_prompt} tokens; this model takes at most "
-                           f"{engine.max_context - 1}. Shorten the conversation.", "messages")
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(256, room)
+                           f"{engine.max_context - 1}. Shorten the {prompt_param}.", prompt_param)
+        max_tokens = max_tokens or min(default_max, room)
         if max_tokens > room:
             raise ApiError(400, f"max_tokens={max_tokens} plus the {n_prompt}-token prompt exceeds the "
                            f"model's context of {engine.max_context}; use max_tokens <= {room}", "max_tokens")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              seed=req.seed)
+                              seed=req.seed, ignore_eos=req.ignore_eos)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatRequest) -> JSONResponse | StreamingResponse:
-        ids = prompt_ids(req)
-        params = sampling(req, len(ids))
+    async def respond(ids: list[int], params: SamplingParams, wire: Wire, *, stream: bool,
+                      stream_options: dict | None) -> JSONResponse | StreamingResponse:
+        """Run one request through the engine (its telemetry included) and answer it in `wire`'s format."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = f"{wire.id_prefix}-{uuid.uuid4().hex[:24]}"
         handle = engine.submit(ids, params, request_id=rid,
                                on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         created = int(time.time())
-        if req.stream:
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(engine, handle, events, rid, created, model_name, usage),
+        if stream:
+            usage = bool((stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(engine, handle, events, wire, created, model_name, usage),
                                      media_type="text/event-stream")
         try:
             while (ev := await events.get()).finish_reason is None:
@@ -176,11 +241,24 @@ def create_app(engine: CpuEngine, *, model_name: str, run_id: int | None = None,
         if ev.finish_reason in ("error", "cancelled"):
             return openai_error(500, f"generation failed: {ev.error or ev.finish_reason}")
         return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
-                         "finish_reason": ev.finish_reason}],
+            "id": rid, "object": wire.object, "created": created, "model": model_name,
+            "choices": [{"index": 0, **wire.whole(handle.text), "finish_reason": ev.finish_reason}],
             "usage": _usage(len(ids), len(handle.output_ids)),
         })
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: ChatRequest) -> JSONResponse | StreamingResponse:
+        ids = chat_prompt_ids(req)
+        params = sampling(req, len(ids), max_tokens=req.max_completion_tokens or req.max_tokens,
+                          default_max=256, prompt_param="messages")
+        return await respond(ids, params, CHAT_WIRE, stream=req.stream, stream_options=req.stream_options)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
+        ids = text_prompt_ids(req)
+        params = sampling(req, len(ids), max_tokens=req.max_tokens, default_max=MAX_TOKENS_LIMIT,
+                          prompt_param="prompt")
+        return await respond(ids, params, TEXT_WIRE, stream=req.stream, stream_options=req.stream_options)
 
     return app
 
@@ -189,32 +267,32 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(engine: CpuEngine, handle, events: asyncio.Queue, rid: str, created: int, model: str,
+async def _sse(engine: CpuEngine, handle, events: asyncio.Queue, wire: Wire, created: int, model: str,
                include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI chat.completion.chunk events, one per token, then finish, usage and [DONE]."""
+    """OpenAI `wire.chunk_object` events, one per token (the last one with the finish_reason; a stop
+    on EOS gets a chunk of its own), then usage if asked for, and [DONE]."""
+    rid = handle.request_id
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(choices: list[dict], **extra) -> str:
+        body = {"id": rid, "object": wire.chunk_object, "created": created, "model": model,
+                "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        if wire.opening is not None:
+            yield chunk([{"index": 0, **wire.opening, "finish_reason": None}])
         while True:
             ev: TokenEvent = await events.get()
-            if ev.finish_reason is None:
-                yield chunk({"content": ev.text})
-                continue
             if ev.finish_reason in ("error", "cancelled"):
                 err = {"message": f"generation stopped: {ev.error or ev.finish_reason}",
                        "type": "server_error"}
                 yield f"data: {json.dumps({'error': err})}\n\n"
             else:
-                yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
+                yield chunk([{"index": 0, **wire.piece(ev.text), "finish_reason": ev.finish_reason}])
+                if ev.finish_reason is None:
+                    continue
                 if include_usage:
-                    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": _usage(len(handle.prompt_ids), len(handle.output_ids))}
-                    yield f"data: {json.dumps(body)}\n\n"
+                    yield chunk([], usage=_usage(len(handle.prompt_ids), len(handle.output_ids)))
             yield "data: [DONE]\n\n"
             return
     finally:
