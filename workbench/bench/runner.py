@@ -98,20 +98,18 @@ def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, floa
 
 def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
     repeats = spec.repeats_small if batch <= 16 else 1
-    t0 = time.time()
     prefill = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, 1) for _ in range(repeats))
     full = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, spec.output_len)
                              for _ in range(repeats))
     return {"batch": batch, "prefill_s": prefill, "decode_s": full,
             "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000, "ttft_p50_ms": None,
-            "repeats": repeats, "variant_share": _variant_share(handle, t0, time.time())}
+            "repeats": repeats, "variant_share": {}}
 
 
 def _online_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, rate: float) -> dict:
-    t0 = time.time()
     requests, wall = client.poisson(handle.base_url, "bench", prompts, rate=rate, duration_s=spec.online_duration_s,
                                     max_tokens=spec.online_output_len, seed=spec.seed)
-    return {"rate": rate, **client.summarize(requests, wall), "variant_share": _variant_share(handle, t0, time.time())}
+    return {"rate": rate, **client.summarize(requests, wall), "variant_share": {}}
 
 
 def _target_entry(target: Target, spec: BenchSpec) -> dict:
@@ -136,6 +134,7 @@ def _measure_target(target: Target, spec: BenchSpec, results: dict, *, db: Engin
     first_policy = target.policies[0] if target.policies else None
     progress(f"starting {target.label}", done[0])
     t_start = time.monotonic()
+    windows: list[tuple[dict, float, float]] = []  # (row, start, end): steps of each measurement
     handle = start_server(engine_config(target, spec, first_policy, spec.port), engine=db, settings=settings)
     entry["run_id"] = handle.run_id
     try:
@@ -154,16 +153,24 @@ def _measure_target(target: Target, spec: BenchSpec, results: dict, *, db: Engin
             base = {"label": label, "target": target.label, "policy": policy.name if policy else None}
             for batch in spec.batches:
                 progress(f"{label}: batch {batch}", done[0])
+                t0 = time.time()
                 results["sweep"].append({**base, **_sweep_row(handle, spec, prompts, batch)})
+                windows.append((results["sweep"][-1], t0, time.time()))
                 done[0] += 1
                 save()
             for rate in spec.rates:
                 progress(f"{label}: {rate:g} req/s", done[0])
+                t0 = time.time()
                 results["online"].append({**base, **_online_row(handle, spec, prompts, rate)})
+                windows.append((results["online"][-1], t0, time.time()))
                 done[0] += 1
                 save()
     finally:
         handle.stop()
+        # After the stop every step is on record (the CPU runtime writes the DB in batches).
+        for row, t0, t1 in windows:
+            row["variant_share"] = _variant_share(handle, t0, t1)
+        save()
 
 
 def _autotune(results: dict, target: Target, db: Engine) -> Target:

@@ -1,0 +1,134 @@
+"""The benchmark harness end to end on the CPU reference runtime: real server processes on the tiny
+merged checkpoint, real HTTP (token-id prompts, streamed and not), the real auto-tuner, a real DB.
+
+What runs on the GPU (stock vLLM baselines, FlexQuant in vLLM) differs only in how each engine is
+started (tests/test_vllm_launch.py covers the command); the timings here only have to be sane.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import Session, select
+from test_serve import PD, free_port
+
+from storage.db import open_db
+from storage.models import PolicyRecord, Run
+from workbench.bench.engines import BenchSpec, Target, baseline_target
+from workbench.bench.runner import SCHEMA, run_bench, total_units
+from workbench.policy import fixed_policy
+from workbench.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from test_flexmodel import build_tiny_checkpoints
+
+    ckpt, _ = build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+    return ckpt
+
+
+def spec_for_cpu(**kw) -> BenchSpec:
+    # 16 output tokens against a 1-token prefill run: the decode time stands clear of CPU noise
+    base = dict(prompt_len=16, output_len=16, batches=(1, 3), rates=(4.0,), online_output_len=4,
+                online_duration_s=1.5, repeats_small=3, runtime="cpu", cpu_threads=1, port=free_port())
+    return BenchSpec(**{**base, **kw})
+
+
+def pinned(label: str, ckpt) -> Target:
+    """On the CPU runtime a baseline is the merged checkpoint pinned to one variant."""
+    return Target(label=label, kind="flex", checkpoint=ckpt, variant=label, policies=[fixed_policy(label)])
+
+
+def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    db = open_db(settings.db_path)
+    spec = spec_for_cpu()
+    targets = [Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[PD], auto_policy=True),
+               pinned("w8a8", tiny_ckpt), pinned("w4a16", tiny_ckpt)]
+    seen = []
+    out = tmp_path / "bench" / "results.json"
+    results = run_bench(spec, targets, out_json=out, db=db, settings=settings, command="test",
+                        progress=lambda what, done: seen.append((what, done)))
+    assert results["status"] == "complete" and results["errors"] == [], results["errors"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results)) and results["schema"] == SCHEMA
+    # baselines first (the auto policy is tuned from them), then FlexQuant with auto measured first
+    assert [t["label"] for t in results["targets"]] == ["w8a8", "w4a16", "flex"]
+    assert results["targets"][2]["policies"] == ["auto", "pd"]
+    labels = ["w8a8:all-w8a8", "w4a16:all-w4a16", "flex:auto", "flex:pd"]
+    assert [(r["label"], r["batch"]) for r in results["sweep"]] == [(lab, b) for lab in labels for b in (1, 3)]
+    for row in results["sweep"]:
+        assert 0 < row["prefill_s"] < row["decode_s"] and row["tpot_ms"] > 0, row
+    assert [r["label"] for r in results["online"]] == labels
+    for row in results["online"]:
+        assert row["completed"] == row["requests"] > 0 and row["errors"] == 0, row
+        assert row["ttft_ms"]["p50"] > 0 and row["tpot_ms"]["p50"] > 0 and row["output_throughput_tok_s"] > 0
+    # which variant computed: pinned baselines run only theirs; pd (prefill w8a8, decode<=1 w4a16) mixes
+    shares = {(r["label"], r["batch"]): r["variant_share"] for r in results["sweep"]}
+    assert shares[("w8a8:all-w8a8", 3)] == {"w8a8": 1.0} and shares[("w4a16:all-w4a16", 1)] == {"w4a16": 1.0}
+    assert set(shares[("flex:pd", 1)]) == {"w8a8", "w4a16"}
+    # the tuned policy is stored with its evidence, and named in the results
+    tuned = results["autotune"]
+    with Session(db) as s:
+        record = s.exec(select(PolicyRecord).where(PolicyRecord.name == "auto")).one()
+        bench_run = s.get(Run, results["run_id"])
+    assert record.origin == "autotune" and record.body_yaml == tuned["policy_yaml"] and record.data_json
+    assert bench_run.kind == "bench" and bench_run.status == "ended"
+    assert json.loads(bench_run.result_json)["status"] == "complete"
+    assert all(t["engine_start_s"] > 0 and t["weight_bytes_b1"] > 0 for t in results["targets"])
+    assert seen[-1][1] == total_units(spec, targets) - 1 and seen[0][0] == "starting w8a8"
+
+    # --resume with the same workload keeps every measured target and starts no engine
+    again = run_bench(spec, targets, out_json=out, db=db, settings=settings, command="again", resume=True)
+    assert again["sweep"] == results["sweep"] and again["resumed"][0]["kept"] == ["flex", "w4a16", "w8a8"]
+    with pytest.raises(ValueError, match="another workload"):
+        run_bench(spec_for_cpu(output_len=5, port=spec.port), targets, out_json=out, db=db, settings=settings, resume=True)
+    db.dispose()
+
+
+def test_interrupted_bench_keeps_what_it_measured_and_says_so(tiny_ckpt, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    db = open_db(settings.db_path)
+    out = tmp_path / "results.json"
+
+    def stop_at_the_online_load(what: str, done: int) -> None:
+        if "req/s" in what:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(spec_for_cpu(), [pinned("w8a8", tiny_ckpt)], out_json=out, db=db, settings=settings,
+                  progress=stop_at_the_online_load)
+    saved = json.loads(out.read_text())
+    assert saved["status"] == "interrupted" and saved["ended_at"] is not None
+    assert [r["batch"] for r in saved["sweep"]] == [1, 3] and saved["online"] == []
+    with Session(db) as s:
+        runs = s.exec(select(Run)).all()
+    assert {r.kind: r.status for r in runs}["bench"] == "interrupted"
+    assert all(r.status != "running" for r in runs)  # the server's own Run was ended by stop()
+    db.dispose()
+
+
+def test_bench_inputs_are_checked_before_any_engine_starts(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="unknown baseline 'w3a3'"):
+        baseline_target("w3a3", tiny_ckpt)
+    with pytest.raises(ValueError, match="merged FlexQuant checkpoint"):
+        baseline_target("w8a8", tiny_ckpt)
+    with pytest.raises(ValueError, match="no config.json"):
+        baseline_target("w8a8", tmp_path)
+    with pytest.raises(ValueError, match="batch sizes"):
+        BenchSpec(batches=(0,))
+    with pytest.raises(ValueError, match="TPOT needs 2"):
+        BenchSpec(output_len=1)
+    settings = Settings(data_dir=tmp_path / "data")
+    db = open_db(settings.db_path)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        run_bench(spec_for_cpu(), [], out_json=tmp_path / "r.json", db=db, settings=settings)
+    # a stock baseline cannot run on the CPU runtime: recorded as that target's error, not a crash
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 300}))
+    results = run_bench(spec_for_cpu(), [baseline_target("w8a8", plain)], out_json=tmp_path / "r.json", db=db,
+                        settings=settings)
+    assert results["status"] == "failed" and "need the vLLM runtime" in results["errors"][0]
+    db.dispose()
