@@ -2,6 +2,9 @@
 
 Every checkpoint QuantFactory publishes (merged, exported single-variant, synthetic) goes through
 these helpers, so all of them are atomic, sharded the same way and carry the same kind of manifest.
+Hashing (sha256 + a per-tensor digest, about 2 ns a byte on one core) is the slow part of writing a
+big checkpoint; hashlib releases the GIL, so files are hashed in parallel threads, and a
+`ShardWriter` given an executor hashes each shard in the background right after writing it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ __all__ = [
     "ShardWriter",
     "copy_tokenizer_files",
     "hash_file",
+    "hash_files",
     "natural_key",
     "publishing",
     "remove_stale_temp_dirs",
@@ -57,6 +62,8 @@ TOKENIZER_FILES = (
 )
 _HASH_CHUNK = 16 * 1024 * 1024
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Shards of one writer being saved in the background at once: bounds memory to (1 + this) shards.
+_MAX_PENDING_SHARDS = 2
 
 
 def natural_key(key: str) -> list:
@@ -115,15 +122,23 @@ class ShardWriter:
 
     Only the current shard is held in memory, which is what lets an 8B checkpoint be written
     layer by layer on a small machine. One shard -> `model.safetensors` and no index.
+    With an `executor`, full shards are saved and hashed there while the caller keeps adding
+    tensors (at most `_MAX_PENDING_SHARDS` per writer wait in memory); after `finish()`,
+    `file_records` holds their `hash_file` records for `write_manifest(..., known=...)`.
+    Tensors handed to `add` must not be modified afterwards (a background save may read them).
     """
 
-    def __init__(self, folder: Path, *, max_shard_bytes: int | None = None):
+    def __init__(self, folder: Path, *, max_shard_bytes: int | None = None, executor: Executor | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
         self._current: dict[str, torch.Tensor] = {}
         self._current_bytes = 0
         self._shards: list[list[str]] = []
         self.total_bytes = 0
+        self._executor = executor
+        self._pending: list[tuple[int, Future]] = []
+        self._records: dict[int, dict] = {}  # shard index -> hash record
+        self.file_records: dict[str, dict] = {}
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.nbytes
@@ -140,19 +155,30 @@ class ShardWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(
-            self._current, str(self.folder / f".shard-{index:05d}.safetensors"), metadata={"format": "pt"}
-        )
-        self._shards.append(list(self._current))
-        self._current, self._current_bytes = {}, 0
+        path = self.folder / f".shard-{index:05d}.safetensors"
+        tensors, self._current, self._current_bytes = self._current, {}, 0
+        self._shards.append(list(tensors))
+        if self._executor is None:
+            _save_shard(tensors, path)
+            return
+        self._wait_pending(_MAX_PENDING_SHARDS - 1)
+        self._pending.append((index, self._executor.submit(_save_and_hash_shard, tensors, path)))
+
+    def _wait_pending(self, keep: int) -> None:
+        """Wait for the oldest background saves until at most `keep` remain; re-raises their errors."""
+        while len(self._pending) > keep:
+            index, future = self._pending.pop(0)
+            self._records[index] = future.result()
 
     def finish(self) -> list[str]:
         """Write the last shard, give the shards their final names (+ index); returns file names."""
         if self._current or not self._shards:
             self._flush()
+        self._wait_pending(0)
         count = len(self._shards)
         if count == 1:
             os.replace(self.folder / ".shard-00000.safetensors", self.folder / SINGLE_NAME)
+            self._name_records([SINGLE_NAME])
             return [SINGLE_NAME]
         names, weight_map = [], {}
         for i, keys in enumerate(self._shards):
@@ -162,7 +188,20 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(keys, name))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        self._name_records(names)
         return [*names, INDEX_NAME]
+
+    def _name_records(self, names: list[str]) -> None:
+        self.file_records = {names[i]: record for i, record in self._records.items()}
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _save_and_hash_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
+    _save_shard(tensors, path)
+    return hash_file(path)  # the file was just written: it is read back from the page cache
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -258,19 +297,36 @@ def hash_file(path: Path) -> dict:
     return record
 
 
-def write_manifest(folder: Path, info: dict) -> dict:
-    """Write `flexquant_manifest.json`: `info` plus size/sha256 of every other file in `folder`."""
+def hash_files(paths: Iterable[Path], *, max_workers: int | None = None) -> dict[str, dict]:
+    """`hash_file` of each path, keyed by file name, hashed in parallel threads."""
+    paths = list(paths)
+    workers = min(len(paths), max_workers or os.cpu_count() or 1)
+    if workers <= 1:
+        return {p.name: hash_file(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+        return dict(zip((p.name for p in paths), pool.map(hash_file, paths), strict=True))
+
+
+def write_manifest(folder: Path, info: dict, *, known: dict[str, dict] | None = None) -> dict:
+    """Write `flexquant_manifest.json`: `info` plus size/sha256 of every other file in `folder`.
+
+    `known` maps file names to records `hash_file` already made (e.g. `ShardWriter.file_records`);
+    a known file whose size still matches is not read again, the others are hashed in parallel.
+    """
     folder = Path(folder)
-    files = {
-        p.name: hash_file(p)
+    known = known or {}
+    paths = [
+        p
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != fmt.MANIFEST_NAME and not p.name.startswith(".")
-    }
+    ]
+    reused = {p.name: known[p.name] for p in paths if known.get(p.name, {}).get("size") == p.stat().st_size}
+    hashed = hash_files(p for p in paths if p.name not in reused)
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **info,
-        "files": files,
+        "files": {p.name: reused.get(p.name) or hashed[p.name] for p in paths},
     }
     (folder / fmt.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
