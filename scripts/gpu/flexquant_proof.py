@@ -47,21 +47,8 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def write_wordlevel_tokenizer(out_dir: Path, vocab_size: int) -> Path:
-    """A tokenizer that can decode every id of the model ("t0".."tN"), so serving never trips on ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", bos_token="t0", pad_token="t0",
-                                   unk_token="t1")
-    fast.save_pretrained(str(out_dir))
-    return out_dir
-
-
 def make_checkpoints(work: Path, shapes: str) -> dict[str, Path]:
-    from workbench.quant.synthetic import SHAPES, make_synthetic_checkpoint
+    from workbench.quant.synthetic import SHAPES, make_synthetic_checkpoint, write_wordlevel_tokenizer
 
     tok = write_wordlevel_tokenizer(work / f"tok-{shapes}", SHAPES[shapes].vocab)
     out = {}
