@@ -132,3 +132,15 @@ def test_bench_inputs_are_checked_before_any_engine_starts(tiny_ckpt, tmp_path):
                         settings=settings)
     assert results["status"] == "failed" and "need the vLLM runtime" in results["errors"][0]
     db.dispose()
+
+
+def test_time_budget_stops_before_the_next_engine_and_resume_goes_on(tiny_ckpt, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    db = open_db(settings.db_path)
+    out, spec = tmp_path / "results.json", spec_for_cpu(rates=())
+    targets = [pinned("w8a8", tiny_ckpt), pinned("w4a16", tiny_ckpt)]
+    first = run_bench(spec, targets, out_json=out, db=db, settings=settings, start_targets_within_s=0.0)
+    assert first["status"] == "interrupted" and first["targets"] == [] and "--resume" in first["errors"][0]
+    second = run_bench(spec, targets, out_json=out, db=db, settings=settings, resume=True)
+    assert second["status"] == "complete" and [t["label"] for t in second["targets"]] == ["w8a8", "w4a16"]
+    db.dispose()

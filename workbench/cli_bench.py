@@ -61,6 +61,9 @@ def bench(
     runtime: Annotated[str, typer.Option("--runtime", help="vllm, or cpu (reference runtime).")] = "vllm",
     port: Annotated[int, typer.Option("--port")] = 8100,
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.html.")] = Path("bench-out"),
+    time_budget: Annotated[
+        float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Keep the fully measured targets of OUT/results.json; run the rest.")
     ] = False,
@@ -108,7 +111,7 @@ def bench(
         try:
             results = runner.run_bench(spec, targets, out_json=results_path, db=st.engine(), settings=st.settings,
                                        command=shlex.join(["flexquant", *sys.argv[1:]]), progress=on_progress,
-                                       resume=resume)
+                                       resume=resume, start_targets_within_s=time_budget)
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/yellow]; what was measured is in {escape(str(results_path))}")
             raise typer.Exit(130) from None

@@ -215,11 +215,14 @@ def _resumed(out_json: Path, spec: BenchSpec, command: str) -> tuple[dict, set[s
 
 
 def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Engine, settings: Settings,
-              command: str = "", progress: Progress | None = None, resume: bool = False) -> dict:
+              command: str = "", progress: Progress | None = None, resume: bool = False,
+              start_targets_within_s: float | None = None) -> dict:
     """Measure every target; return the results dict (also at `out_json` and in a `Run` row).
 
     `resume`: keep the fully measured targets of an earlier run at `out_json` (same spec) and measure
-    only the others — a long benchmark split over several sessions of one machine."""
+    only the others — a long benchmark split over several sessions of one machine.
+    `start_targets_within_s`: start no target after this many seconds; the run then ends
+    "interrupted" (resume it later) instead of being killed mid-target by an outer time limit."""
     if not targets:
         raise ValueError("nothing to measure: give a merged checkpoint and/or baselines")
     progress = progress or (lambda what, done: log.info("bench: %s", what))
@@ -245,8 +248,14 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
 
     done = [0]
     save()
+    t_begin = time.monotonic()
     try:
         for target in ordered:
+            if start_targets_within_s is not None and time.monotonic() - t_begin > start_targets_within_s:
+                results["errors"].append(f"time budget of {start_targets_within_s:.0f} s reached before "
+                                         f"{target.label}; run again with --resume to measure the rest")
+                results["status"] = "interrupted"
+                break
             try:
                 if target.auto_policy:
                     target = _autotune(results, target, db)
@@ -258,7 +267,8 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
                 if results["targets"] and results["targets"][-1]["label"] == target.label:
                     results["targets"][-1]["error"] = str(exc)
                 save()
-        results["status"] = "complete" if not results["errors"] else "failed"
+        if results["status"] != "interrupted":
+            results["status"] = "complete" if not results["errors"] else "failed"
     except KeyboardInterrupt:
         results["status"] = "interrupted"
         raise
