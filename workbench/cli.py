@@ -188,11 +188,12 @@ def models_show(ctx: typer.Context, name: str) -> None:
 
 
 def _register_subcommands() -> None:
-    from workbench import cli_jobs, cli_policy, cli_run
+    from workbench import cli_jobs, cli_policy, cli_run, cli_synth
 
     app.add_typer(cli_jobs.jobs_app, name="jobs")
     app.add_typer(cli_policy.policy_app, name="policy")
     cli_run.register(app)
+    cli_synth.register(app)
 
 
 _register_subcommands()
