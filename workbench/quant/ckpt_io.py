@@ -153,6 +153,12 @@ class ShardWriter:
         self._current_bytes += nbytes
         self.total_bytes += nbytes
 
+    def flush(self) -> None:
+        """Close the current shard now (with an executor: start saving it), e.g. so that the last
+        shards of several writers are saved in parallel before `finish()` waits for each."""
+        if self._current:
+            self._flush()
+
     def _flush(self) -> None:
         index = len(self._shards)
         path = self.folder / f".shard-{index:05d}.safetensors"

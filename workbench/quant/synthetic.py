@@ -365,6 +365,8 @@ def _write_checkpoints(
         if not spec.tie_embeddings:
             add_shared("lm_head.weight", _random_bf16(gen, spec.vocab, spec.hidden))
         info = {"shapes": shapes, "seed": seed, "device": str(gen.device)}
+        for writer in writers:
+            writer.flush()  # every layout's last shard is saved in parallel, not one after the other
         for target, tmp, writer in zip(targets, tmps, writers, strict=True):
             if reporter is not None:
                 reporter.update("publish", 100.0, f"hashing and checking {target.out_dir.name}")
