@@ -144,3 +144,19 @@ def test_time_budget_stops_before_the_next_engine_and_resume_goes_on(tiny_ckpt, 
     second = run_bench(spec, targets, out_json=out, db=db, settings=settings, resume=True)
     assert second["status"] == "complete" and [t["label"] for t in second["targets"]] == ["w8a8", "w4a16"]
     db.dispose()
+
+
+def test_weight_bytes_per_step_and_bf16_size_from_the_checkpoint_headers(tmp_path):
+    from workbench.bench.weights import bf16_bytes, decode_bytes_per_step, roofline_fraction, tensor_bytes
+    from workbench.quant.synthetic import make_synthetic_set
+
+    sets = make_synthetic_set(tmp_path, shapes="tiny-llama", layouts=("bf16", "w8a8", "w4a16", "merged"))
+    size = {layout: sum(tensor_bytes(path).values()) for layout, path in sets.items()}
+    embed = tensor_bytes(sets["bf16"])["model.embed_tokens.weight"]  # untied: a lookup, not a read
+    assert bf16_bytes(sets["merged"]) == size["bf16"]
+    assert decode_bytes_per_step(sets["merged"], "w8a8") == decode_bytes_per_step(sets["w8a8"]) == size["w8a8"] - embed
+    assert decode_bytes_per_step(sets["merged"], "w4a16") == size["w4a16"] - embed
+    assert decode_bytes_per_step(sets["bf16"]) == size["bf16"] - embed
+    with pytest.raises(ValueError, match="name one of them"):
+        decode_bytes_per_step(sets["merged"], "fp8")
+    assert roofline_fraction(3_350_000_000, 1.0) == pytest.approx(1.0)  # 3.35 GB in 1 ms at 3.35 TB/s

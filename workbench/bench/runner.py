@@ -10,11 +10,13 @@ measurement, so an interrupted or failed run keeps what it measured and says how
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from sqlalchemy.engine import Engine
 from workbench import ckpt_format as fmt
 from workbench.bench import client
 from workbench.bench.engines import BenchSpec, Target, engine_config, weight_memory_gib, with_policies
-from workbench.bench.weights import H100_HBM_TB_S, decode_bytes_per_step
+from workbench.bench.weights import H100_HBM_TB_S, bf16_bytes, decode_bytes_per_step
 from workbench.policy import Policy, StepInfo, decide
 from workbench.runtime.serve import ServerHandle, start_server
 from workbench.runtime.telemetry import create_run, end_run
@@ -47,10 +49,18 @@ def _write_json(path: Path, data: dict) -> None:
 def _machine(settings: Settings, spec: BenchSpec) -> dict:
     info = {"python": platform.python_version(), "host": platform.node(), "hbm_tb_s": H100_HBM_TB_S}
     if spec.runtime == "vllm":
-        from workbench.runtime.vllm_launch import probe_vllm
-
-        probe = probe_vllm(str(settings.vllm_python or sys.executable))
-        info.update(gpu=(probe.gpus or [None])[0], vllm=probe.vllm_version)
+        # nvidia-smi and package metadata: a probe of the serving python would import torch + vLLM (~15 s)
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+        except (OSError, subprocess.TimeoutExpired):
+            smi = []
+        try:
+            vllm_version = importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            vllm_version = None
+        info.update(gpu=smi[0].split(",")[0].strip() if smi else None, gpu_driver=smi[0].split(",")[-1].strip()
+                    if smi else None, vllm=vllm_version, serving_python=str(settings.vllm_python or sys.executable))
     else:
         info.update(gpu=None, vllm=None, runtime="cpu reference")
     try:
@@ -191,6 +201,16 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
     return with_policies(target, [tuned.policy], tuned.kernel)
 
 
+def _bf16_reference(targets: list[Target]) -> dict | None:
+    """BF16 weight size of the merged checkpoint's model, for the memory goal when no BF16 engine runs."""
+    merged = next((t for t in targets if t.kind == "flex"), None)
+    try:
+        gib = bf16_bytes(merged.checkpoint) / 2**30 if merged else None
+    except (ValueError, OSError):
+        return None
+    return {"weight_gib": round(gib, 3), "source": "2 bytes per parameter of the merged checkpoint"} if gib else None
+
+
 def _spec_dict(spec: BenchSpec) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
 
@@ -237,7 +257,8 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
     else:
         results = {"schema": SCHEMA, "status": "running", "started_at": time.time(), "ended_at": None,
                    "command": command, "machine": _machine(settings, spec), "spec": _spec_dict(spec),
-                   "targets": [], "sweep": [], "online": [], "autotune": None, "errors": []}
+                   "targets": [], "sweep": [], "online": [], "autotune": None, "errors": [],
+                   "bf16_reference": _bf16_reference(targets)}
     run_id = create_run(db, runtime=spec.runtime, checkpoint_path=str(targets[-1].checkpoint), kind="bench",
                         policy_name=",".join(l for t in ordered for l in t.measurement_labels()),
                         config={"spec": results["spec"], "out_json": str(out_json)})

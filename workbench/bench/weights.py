@@ -13,7 +13,7 @@ from pathlib import Path
 from workbench import ckpt_format as fmt
 from workbench.quant.ckpt_io import read_safetensors_header, weight_files
 
-__all__ = ["H100_HBM_TB_S", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
+__all__ = ["H100_HBM_TB_S", "bf16_bytes", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
 
 H100_HBM_TB_S = 3.35
 EMBED_KEY = "model.embed_tokens.weight"
@@ -50,6 +50,28 @@ def decode_bytes_per_step(ckpt_dir: Path, variant: str | None = None) -> int:
         if split is not None and split[1] != variant:
             continue  # another variant's copy of this linear: resident, but not read by this step
         total += nbytes
+    return total
+
+
+def bf16_bytes(ckpt_dir: Path) -> int:
+    """What the same model takes in BF16: 2 bytes per parameter. A merged checkpoint's linears are
+    counted once, from a variant whose stored weight has one element per parameter (int8 W8A8,
+    FP8); its shared tensors (embeddings, norms, LM head) are BF16 already and count as stored."""
+    ckpt_dir = Path(ckpt_dir)
+    qcfg = fmt.read_config(ckpt_dir).get("quantization_config") or {}
+    variants = list(qcfg.get("variants") or {}) if qcfg.get("quant_method") == fmt.QUANT_METHOD else []
+    if not variants:
+        raise ValueError(f"{ckpt_dir.name} is not a merged checkpoint; its BF16 size is its own size")
+    dense = next((v for v in ("w8a8", "fp8") if v in variants), None)
+    if dense is None:
+        raise ValueError(f"{ckpt_dir.name} has no one-byte-per-weight variant (w8a8 or fp8) to count from")
+    total = 0
+    for key, nbytes in tensor_bytes(ckpt_dir).items():
+        split = fmt.split_variant_key(key, variants)
+        if split is None:
+            total += nbytes
+        elif split[1] == dense and split[2] == "weight":
+            total += 2 * nbytes  # int8/fp8 -> bf16
     return total
 
 
