@@ -9,6 +9,8 @@ with compressed-tensors' own decompressors.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,6 +249,16 @@ def test_cli_synth_writes_the_set_and_reports_bad_input(tmp_path, monkeypatch):
     bad = synth("--shapes", "tiny-llama", "--out", str(tmp_path / "gpu"), "--device", "cuda")
     assert bad.exit_code == 2 and "device 'cuda' asked" in bad.output
     assert not (tmp_path / "gpu").exists() or not any((tmp_path / "gpu").iterdir())
+
+
+def test_cli_modules_stay_light():
+    code = (
+        "import sys, workbench.cli, workbench.cli_synth\n"
+        "print(sorted(m for m in ('torch', 'gradio', 'transformers', 'vllm') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
 
 
 def test_shard_writer_in_background_hashes_like_hash_file(tmp_path):
