@@ -147,7 +147,7 @@ def test_time_budget_stops_before_the_next_engine_and_resume_goes_on(tiny_ckpt, 
 
 
 def test_weight_bytes_per_step_and_bf16_size_from_the_checkpoint_headers(tmp_path):
-    from workbench.bench.weights import bf16_bytes, decode_bytes_per_step, roofline_fraction, tensor_bytes
+    from workbench.bench.weights import bf16_bytes, decode_bytes_per_step, hbm_tb_s, roofline_fraction, tensor_bytes
     from workbench.quant.synthetic import make_synthetic_set
 
     sets = make_synthetic_set(tmp_path, shapes="tiny-llama", layouts=("bf16", "w8a8", "w4a16", "merged"))
@@ -160,3 +160,5 @@ def test_weight_bytes_per_step_and_bf16_size_from_the_checkpoint_headers(tmp_pat
     with pytest.raises(ValueError, match="name one of them"):
         decode_bytes_per_step(sets["merged"], "fp8")
     assert roofline_fraction(3_350_000_000, 1.0) == pytest.approx(1.0)  # 3.35 GB in 1 ms at 3.35 TB/s
+    assert hbm_tb_s({"gpu": "NVIDIA H200"}) == 4.8 and hbm_tb_s({"gpu": "NVIDIA H100 80GB HBM3"}) == 3.35
+    assert hbm_tb_s({"gpu": "NVIDIA H100 PCIe"}) == 2.0 and hbm_tb_s({"gpu": "RTX", "hbm_tb_s": 1.0}) == 1.0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from workbench.bench.weights import hbm_tb_s
+
 __all__ = [
     "SCHEMA",
     "ResultsError",
@@ -329,7 +331,7 @@ def roofline(results: dict) -> pd.DataFrame:
     fr = frames(results)
     targets, sweep = fr["targets"], fr["sweep"]
     bytes_of = targets.set_index("label")["weight_bytes_b1"]
-    hbm_bytes_s = (results["machine"].get("hbm_tb_s") or math.nan) * 1e12
+    hbm_bytes_s = (hbm_tb_s(results["machine"]) or math.nan) * 1e12
     tuned = (results.get("autotune") or {}).get("policy_name")
     rows = []
     for row in sweep[sweep["batch"] == 1].itertuples():
@@ -409,7 +411,7 @@ def headline_markdown(results: dict, flex_label: str | None = None) -> str:
         lines += [
             "",
             f"Batch-1 decode step of `{flex}`: {r.tpot_ms:.2f} ms, {r.fraction:.0%} of the HBM roofline "
-            f"({r.weight_bytes_b1 / 1e9:.1f} GB read per step at {machine.get('hbm_tb_s')} TB/s).",
+            f"({r.weight_bytes_b1 / 1e9:.1f} GB read per step at {hbm_tb_s(machine)} TB/s).",
         ]
     return "\n".join(lines) + "\n"
 

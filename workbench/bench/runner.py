@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from workbench import ckpt_format as fmt
 from workbench.bench import client
 from workbench.bench.engines import BenchSpec, Target, engine_config, weight_memory_gib, with_policies
-from workbench.bench.weights import H100_HBM_TB_S, bf16_bytes, decode_bytes_per_step
+from workbench.bench.weights import H100_HBM_TB_S, bf16_bytes, decode_bytes_per_step, hbm_tb_s
 from workbench.policy import Policy, StepInfo, decide
 from workbench.runtime.serve import ServerHandle, start_server
 from workbench.runtime.telemetry import create_run, end_run
@@ -47,7 +47,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _machine(settings: Settings, spec: BenchSpec) -> dict:
-    info = {"python": platform.python_version(), "host": platform.node(), "hbm_tb_s": H100_HBM_TB_S}
+    info = {"python": platform.python_version(), "host": platform.node(), "hbm_tb_s": None}
     if spec.runtime == "vllm":
         # nvidia-smi and package metadata: a probe of the serving python would import torch + vLLM (~15 s)
         try:
@@ -61,6 +61,7 @@ def _machine(settings: Settings, spec: BenchSpec) -> dict:
             vllm_version = None
         info.update(gpu=smi[0].split(",")[0].strip() if smi else None, gpu_driver=smi[0].split(",")[-1].strip()
                     if smi else None, vllm=vllm_version, serving_python=str(settings.vllm_python or sys.executable))
+        info["hbm_tb_s"] = hbm_tb_s(info) or H100_HBM_TB_S
     else:
         info.update(gpu=None, vllm=None, runtime="cpu reference")
     try:

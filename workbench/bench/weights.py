@@ -11,16 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from workbench import ckpt_format as fmt
-from workbench.quant.ckpt_io import read_safetensors_header, weight_files
 
-__all__ = ["H100_HBM_TB_S", "bf16_bytes", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
+__all__ = ["H100_HBM_TB_S", "bf16_bytes", "hbm_tb_s", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
 
 H100_HBM_TB_S = 3.35
+# Peak HBM bandwidth by GPU name (vendor data sheets); the first match wins, so specific names first.
+HBM_TB_S_BY_NAME = (("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
 EMBED_KEY = "model.embed_tokens.weight"
 
 
 def tensor_bytes(ckpt_dir: Path) -> dict[str, int]:
     """Stored size of every tensor of the checkpoint, by key."""
+    from workbench.quant.ckpt_io import read_safetensors_header, weight_files  # imports torch: only here
+
     sizes: dict[str, int] = {}
     for path in weight_files(Path(ckpt_dir)):
         header, _ = read_safetensors_header(path)
@@ -73,6 +76,15 @@ def bf16_bytes(ckpt_dir: Path) -> int:
         elif split[1] == dense and split[2] == "weight":
             total += 2 * nbytes  # int8/fp8 -> bf16
     return total
+
+
+def hbm_tb_s(machine: dict) -> float | None:
+    """Memory bandwidth for the roofline: from the GPU's name where we know it, else as recorded."""
+    name = machine.get("gpu") or ""
+    for key, tb_s in HBM_TB_S_BY_NAME:
+        if key in name:
+            return tb_s
+    return machine.get("hbm_tb_s")
 
 
 def roofline_fraction(weight_bytes: int, step_ms: float, hbm_tb_s: float = H100_HBM_TB_S) -> float:
