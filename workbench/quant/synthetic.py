@@ -109,6 +109,8 @@ class ShapeSpec:
 
 SHAPES: dict[str, ShapeSpec] = {
     "tiny-llama": ShapeSpec("LlamaForCausalLM", 64, 128, 2, 4, 2, 256),
+    # The smallest shape vLLM's GPU attention takes (head_dim 64) and W4A16 group 128 divides.
+    "mini-llama": ShapeSpec("LlamaForCausalLM", 256, 768, 2, 4, 2, 256),
     "smollm2-135m": ShapeSpec(
         "LlamaForCausalLM",
         576,
