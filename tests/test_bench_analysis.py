@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench.bench import autotune, figures, report
+from workbench.bench import autotune, figures, report, report_html
 from workbench.policy import DecodeRule, PolicyError, StepInfo, decide, decode_rule, parse_policy
 
 SAMPLE = Path(__file__).parent / "data" / "bench-sample.json"
@@ -472,7 +472,7 @@ def figure_data(page: str) -> dict[str, list[dict]]:
 
 def test_write_report_is_one_self_describing_html(tmp_path):
     results = constructed_results()
-    path = report.write_report(results, tmp_path / "out" / "report.html")
+    path = report_html.write_report(results, tmp_path / "out" / "report.html")
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp file left behind
     page = path.read_text()
     assert "<title>FlexQuant bench — Test GPU — complete</title>" in page and "cdn.plot.ly" in page
@@ -499,7 +499,7 @@ def test_write_report_is_one_self_describing_html(tmp_path):
     assert json.loads(parsed.scripts["bench-results"]) == results  # the raw data travels with the report
     assert "a constructed error" in page
     with pytest.raises(ValueError, match="plotlyjs must be"):
-        report.write_report(results, tmp_path / "x.html", plotlyjs="local")
+        report_html.write_report(results, tmp_path / "x.html", plotlyjs="local")
 
 
 def test_bench_report_script_writes_html_and_markdown(tmp_path):

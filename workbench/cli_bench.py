@@ -124,7 +124,8 @@ def _finish(results: dict, results_path: Path, out: Path) -> None:
         console.print(f"[red]error:[/red] {escape(error)}")
     try:
         report = import_backend("workbench.bench.report", "bench")
-        report.write_report(results, out / "report.html")
+        report_html = import_backend("workbench.bench.report_html", "bench")
+        report_html.write_report(results, out / "report.html")
         console.print(report.headline_markdown(results))
         console.print(f"report: {escape(str(out / 'report.html'))}")
     except ImportError as exc:  # plotly/pandas absent in a bare serving env: the JSON is the result
