@@ -333,7 +333,7 @@ def test_console_script_if_installed(data_dir: Path) -> None:
 @pytest.mark.slow
 def test_quantize_wait_check_evaluate_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     """Real backends: a worker started by `flexquant jobs worker`, a tiny random Llama, GPTQ."""
-    from workbench.quant.synthetic import make_tiny_source_model
+    from workbench.quant.shapes import make_tiny_source_model
 
     cli(data_dir, "init", "--no-model")
     make_tiny_source_model(data_dir / "models" / "tiny")

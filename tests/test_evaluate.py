@@ -18,7 +18,7 @@ from workbench.evaluate import evaluate_checkpoint
 from workbench.policy import DEFAULT_POLICY, fixed_policy
 from workbench.quant.factory import quantize_and_merge
 from workbench.quant.recipe import QuantRecipe
-from workbench.quant.synthetic import make_tiny_source_model
+from workbench.quant.shapes import make_tiny_source_model
 from workbench.textdata import eval_texts
 
 

@@ -21,7 +21,7 @@ from workbench.quant.ckpt_io import tensor_index
 from workbench.quant.export import export_variant
 from workbench.quant.factory import calibration_dataset, quantize_and_merge, quantize_variant
 from workbench.quant.recipe import QuantRecipe
-from workbench.quant.synthetic import make_tiny_source_model
+from workbench.quant.shapes import make_tiny_source_model
 
 
 class RecordingReporter(Reporter):

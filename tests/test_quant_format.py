@@ -23,7 +23,8 @@ from workbench.quant.ckpt_io import read_safetensors_header, tensor_index, write
 from workbench.quant.export import export_variant
 from workbench.quant.merge import default_policy_for, merge_variants
 from workbench.quant.recipe import choose_group_size, parse_recipe, variant_quant_config
-from workbench.quant.synthetic import SHAPES, ShapeSpec, make_synthetic_checkpoint, write_tiny_tokenizer
+from workbench.quant.shapes import SHAPES, ShapeSpec, write_tiny_tokenizer
+from workbench.quant.synthetic import make_synthetic_checkpoint
 
 Q = "model.layers.0.self_attn.q_proj"
 

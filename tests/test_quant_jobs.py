@@ -16,7 +16,7 @@ from workbench.models import add_model
 from workbench.quant.check import check_checkpoint
 from workbench.quant.jobs import validate_quantize
 from workbench.quant.recipe import QuantRecipe
-from workbench.quant.synthetic import make_tiny_source_model
+from workbench.quant.shapes import make_tiny_source_model
 
 MODULES = ["workbench.quant.jobs"]
 RECIPE = {"num_samples": 8, "seq_len": 64}

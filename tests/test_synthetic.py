@@ -25,14 +25,8 @@ from workbench.quant import ckpt_io
 from workbench.quant.check import check_checkpoint
 from workbench.quant.merge import strip_variant_suffix
 from workbench.quant.recipe import VARIANT_SPECS, variant_scheme
-from workbench.quant.synthetic import (
-    QMAX,
-    SHAPES,
-    WEIGHT_STD,
-    ShapeSpec,
-    make_synthetic_checkpoint,
-    make_synthetic_set,
-)
+from workbench.quant.shapes import SHAPES, ShapeSpec
+from workbench.quant.synthetic import QMAX, WEIGHT_STD, make_synthetic_checkpoint, make_synthetic_set
 
 SPEC = SHAPES["tiny-llama"]
 GROUP = 64  # tiny-llama's hidden 64 does not divide by 128

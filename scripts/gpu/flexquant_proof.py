@@ -48,7 +48,8 @@ def log(msg: str) -> None:
 
 
 def make_checkpoints(work: Path, shapes: str) -> dict[str, Path]:
-    from workbench.quant.synthetic import SHAPES, make_synthetic_checkpoint, write_wordlevel_tokenizer
+    from workbench.quant.shapes import SHAPES, write_wordlevel_tokenizer
+    from workbench.quant.synthetic import make_synthetic_checkpoint
 
     tok = write_wordlevel_tokenizer(work / f"tok-{shapes}", SHAPES[shapes].vocab)
     out = {}

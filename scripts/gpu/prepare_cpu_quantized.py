@@ -24,7 +24,7 @@ from workbench.quant.check import check_checkpoint  # noqa: E402
 from workbench.quant.export import export_variant  # noqa: E402
 from workbench.quant.factory import quantize_and_merge  # noqa: E402
 from workbench.quant.recipe import QuantRecipe  # noqa: E402
-from workbench.quant.synthetic import make_tiny_source_model  # noqa: E402
+from workbench.quant.shapes import make_tiny_source_model  # noqa: E402
 
 
 def main(out: Path) -> None:

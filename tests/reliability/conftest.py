@@ -234,7 +234,8 @@ def chat_checkpoint(tmp_path_factory) -> Path:
     template: what the CPU server needs to answer chats, in milliseconds per token."""
     from transformers import AutoTokenizer
 
-    from workbench.quant.synthetic import make_synthetic_checkpoint, write_tiny_tokenizer
+    from workbench.quant.shapes import write_tiny_tokenizer
+    from workbench.quant.synthetic import make_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("chat-ckpt")
     tok_dir = write_tiny_tokenizer(root / "tokenizer")
@@ -247,7 +248,7 @@ def chat_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory) -> Path:
     """A tiny random bf16 Llama HF folder with a real tiny tokenizer (the quantize input)."""
-    from workbench.quant.synthetic import make_tiny_source_model
+    from workbench.quant.shapes import make_tiny_source_model
 
     return make_tiny_source_model(tmp_path_factory.mktemp("source") / "tiny")
 
