@@ -31,8 +31,18 @@ def tiny_ckpt(tmp_path_factory):
 
 def spec_for_cpu(**kw) -> BenchSpec:
     # 16 output tokens against a 1-token prefill run: the decode time stands clear of CPU noise
-    base = dict(prompt_len=16, output_len=16, batches=(1, 3), rates=(4.0,), online_output_len=4,
-                online_duration_s=1.5, repeats_small=3, runtime="cpu", cpu_threads=1, port=free_port())
+    base = dict(
+        prompt_len=16,
+        output_len=16,
+        batches=(1, 3),
+        rates=(4.0,),
+        online_output_len=4,
+        online_duration_s=1.5,
+        repeats_small=3,
+        runtime="cpu",
+        cpu_threads=1,
+        port=free_port(),
+    )
     return BenchSpec(**{**base, **kw})
 
 
@@ -45,19 +55,31 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
     settings = Settings(data_dir=tmp_path / "data")
     db = open_db(settings.db_path)
     spec = spec_for_cpu()
-    targets = [Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[PD], auto_policy=True),
-               pinned("w8a8", tiny_ckpt), pinned("w4a16", tiny_ckpt)]
+    targets = [
+        Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[PD], auto_policy=True),
+        pinned("w8a8", tiny_ckpt),
+        pinned("w4a16", tiny_ckpt),
+    ]
     seen = []
     out = tmp_path / "bench" / "results.json"
-    results = run_bench(spec, targets, out_json=out, db=db, settings=settings, command="test",
-                        progress=lambda what, done: seen.append((what, done)))
+    results = run_bench(
+        spec,
+        targets,
+        out_json=out,
+        db=db,
+        settings=settings,
+        command="test",
+        progress=lambda what, done: seen.append((what, done)),
+    )
     assert results["status"] == "complete" and results["errors"] == [], results["errors"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(results)) and results["schema"] == SCHEMA
     # baselines first (the auto policy is tuned from them), then FlexQuant with auto measured first
     assert [t["label"] for t in results["targets"]] == ["w8a8", "w4a16", "flex"]
     assert results["targets"][2]["policies"] == ["auto", "pd"]
     labels = ["w8a8:all-w8a8", "w4a16:all-w4a16", "flex:auto", "flex:pd"]
-    assert [(r["label"], r["batch"]) for r in results["sweep"]] == [(lab, b) for lab in labels for b in (1, 3)]
+    assert [(r["label"], r["batch"]) for r in results["sweep"]] == [
+        (lab, b) for lab in labels for b in (1, 3)
+    ]
     for row in results["sweep"]:
         assert 0 < row["prefill_s"] < row["decode_s"] and row["tpot_ms"] > 0, row
     assert [r["label"] for r in results["online"]] == labels
@@ -83,7 +105,14 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
     again = run_bench(spec, targets, out_json=out, db=db, settings=settings, command="again", resume=True)
     assert again["sweep"] == results["sweep"] and again["resumed"][0]["kept"] == ["flex", "w4a16", "w8a8"]
     with pytest.raises(ValueError, match="another workload"):
-        run_bench(spec_for_cpu(output_len=5, port=spec.port), targets, out_json=out, db=db, settings=settings, resume=True)
+        run_bench(
+            spec_for_cpu(output_len=5, port=spec.port),
+            targets,
+            out_json=out,
+            db=db,
+            settings=settings,
+            resume=True,
+        )
     db.dispose()
 
 
@@ -97,8 +126,14 @@ def test_interrupted_bench_keeps_what_it_measured_and_says_so(tiny_ckpt, tmp_pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_bench(spec_for_cpu(), [pinned("w8a8", tiny_ckpt)], out_json=out, db=db, settings=settings,
-                  progress=stop_at_the_online_load)
+        run_bench(
+            spec_for_cpu(),
+            [pinned("w8a8", tiny_ckpt)],
+            out_json=out,
+            db=db,
+            settings=settings,
+            progress=stop_at_the_online_load,
+        )
     saved = json.loads(out.read_text())
     assert saved["status"] == "interrupted" and saved["ended_at"] is not None
     assert [r["batch"] for r in saved["sweep"]] == [1, 3] and saved["online"] == []
@@ -128,8 +163,13 @@ def test_bench_inputs_are_checked_before_any_engine_starts(tiny_ckpt, tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 300}))
-    results = run_bench(spec_for_cpu(), [baseline_target("w8a8", plain)], out_json=tmp_path / "r.json", db=db,
-                        settings=settings)
+    results = run_bench(
+        spec_for_cpu(),
+        [baseline_target("w8a8", plain)],
+        out_json=tmp_path / "r.json",
+        db=db,
+        settings=settings,
+    )
     assert results["status"] == "failed" and "need the vLLM runtime" in results["errors"][0]
     db.dispose()
 
@@ -147,14 +187,24 @@ def test_time_budget_stops_before_the_next_engine_and_resume_goes_on(tiny_ckpt, 
 
 
 def test_weight_bytes_per_step_and_bf16_size_from_the_checkpoint_headers(tmp_path):
-    from workbench.bench.weights import bf16_bytes, decode_bytes_per_step, hbm_tb_s, roofline_fraction, tensor_bytes
+    from workbench.bench.weights import (
+        bf16_bytes,
+        decode_bytes_per_step,
+        hbm_tb_s,
+        roofline_fraction,
+        tensor_bytes,
+    )
     from workbench.quant.synthetic import make_synthetic_set
 
     sets = make_synthetic_set(tmp_path, shapes="tiny-llama", layouts=("bf16", "w8a8", "w4a16", "merged"))
     size = {layout: sum(tensor_bytes(path).values()) for layout, path in sets.items()}
     embed = tensor_bytes(sets["bf16"])["model.embed_tokens.weight"]  # untied: a lookup, not a read
     assert bf16_bytes(sets["merged"]) == size["bf16"]
-    assert decode_bytes_per_step(sets["merged"], "w8a8") == decode_bytes_per_step(sets["w8a8"]) == size["w8a8"] - embed
+    assert (
+        decode_bytes_per_step(sets["merged"], "w8a8")
+        == decode_bytes_per_step(sets["w8a8"])
+        == size["w8a8"] - embed
+    )
     assert decode_bytes_per_step(sets["merged"], "w4a16") == size["w4a16"] - embed
     assert decode_bytes_per_step(sets["bf16"]) == size["bf16"] - embed
     with pytest.raises(ValueError, match="name one of them"):

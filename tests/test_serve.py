@@ -14,7 +14,7 @@ from test_flexmodel import VARIANTS, build_tiny_checkpoints, checkpoint_bytes
 
 from storage.db import open_db
 from storage.models import RequestRecord, Run, StepRecord
-from workbench.chat_client import stream_chat
+from workbench.chat_client import list_models, stream_chat
 from workbench.policy import DecodeRule, Policy, PolicyError, StepInfo, decide, fixed_policy
 from workbench.runtime.serve import ServeConfig, ServeError, start_server
 from workbench.settings import Settings
@@ -70,11 +70,16 @@ def wait_for(fn, timeout=30.0):
 def test_concurrent_streaming_chats_and_step_telemetry(server):
     handle, db, _ = server
     results, errors = {}, []
+    model = list_models(handle.base_url)[0]
+    start = threading.Barrier(3)
 
     def chat(i):
         try:
-            updates = list(stream_chat(handle.base_url, [{"role": "user", "content": f"hi {i}"}],
-                                       max_tokens=4 + 3 * i, temperature=0.0))
+            # Sent together, ignore_eos, 16+ tokens each: the replies surely overlap (decode batches
+            # of 2+) even on a busy machine; an early EOS or a late thread made that a matter of luck
+            start.wait(30)
+            updates = list(stream_chat(handle.base_url, [{"role": "user", "content": f"hi {i}"}], model=model,
+                                       max_tokens=16 + 4 * i, temperature=0.0, extra={"ignore_eos": True}))
             results[i] = updates[-1]
         except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
             errors.append(exc)
@@ -85,9 +90,9 @@ def test_concurrent_streaming_chats_and_step_telemetry(server):
     for t in threads:
         t.join(120)
     assert not errors and len(results) == 3
-    for update in results.values():
-        assert update.done and update.stats.finish_reason in ("length", "stop")
-        assert update.stats.output_tokens >= 1
+    for i, update in results.items():
+        assert update.done and update.stats.finish_reason == "length"
+        assert update.stats.output_tokens == 16 + 4 * i
     ids = {u.stats.request_id for u in results.values()}
     def mine():
         found = [r for r in rows(db, RequestRecord, handle.run_id) if r.request_id in ids]

@@ -38,11 +38,14 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 def bench(
     ctx: typer.Context,
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="Merged FlexQuant checkpoint to measure under policies.")
+        Path | None,
+        typer.Option("--checkpoint", help="Merged FlexQuant checkpoint to measure under policies."),
     ] = None,
     baseline: Annotated[
         list[str] | None,
-        typer.Option("--baseline", help="Stock vLLM baseline NAME=DIR (bf16, w8a8, w4a16-marlin, w4a16-machete)."),
+        typer.Option(
+            "--baseline", help="Stock vLLM baseline NAME=DIR (bf16, w8a8, w4a16-marlin, w4a16-machete)."
+        ),
     ] = None,
     policy: Annotated[
         list[str] | None, typer.Option("--policy", help="Saved policy or file (repeatable).")
@@ -52,7 +55,8 @@ def bench(
     ] = True,
     batches: Annotated[str, typer.Option("--batches", help="Closed batch sizes.")] = "1,4,16,64,128,256",
     rates: Annotated[
-        str | None, typer.Option("--rate", "--rates", help="Poisson arrival rates, requests/s (bench: 2,8,16; live: 1).")
+        str | None,
+        typer.Option("--rate", "--rates", help="Poisson arrival rates, requests/s (bench: 2,8,16; live: 1)."),
     ] = None,
     prompt_len: Annotated[int, typer.Option("--prompt-len")] = 1024,
     output_len: Annotated[int, typer.Option("--output-len", help="Tokens per request in the sweep.")] = 64,
@@ -60,14 +64,19 @@ def bench(
     duration: Annotated[float, typer.Option("--duration", help="Seconds of arrivals per rate.")] = 20.0,
     runtime: Annotated[str, typer.Option("--runtime", help="vllm, or cpu (reference runtime).")] = "vllm",
     port: Annotated[int, typer.Option("--port")] = 8100,
-    out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.html.")] = Path("bench-out"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.html.")] = Path(
+        "bench-out"
+    ),
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Keep the fully measured targets of OUT/results.json; run the rest.")
+        bool,
+        typer.Option("--resume", help="Keep the fully measured targets of OUT/results.json; run the rest."),
     ] = False,
-    url: Annotated[str, typer.Option("--url", help="Live mode: a running local server.")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str, typer.Option("--url", help="Live mode: a running local server.")
+    ] = "http://127.0.0.1:8000",
     num_requests: Annotated[int, typer.Option("--requests", help="Live mode: requests per rate.")] = 16,
     concurrency: Annotated[int, typer.Option("--concurrency", help="Live mode.")] = 4,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Live mode: tokens per reply.")] = 32,
@@ -75,17 +84,30 @@ def bench(
 ) -> None:
     """Benchmark FlexQuant policies against stock single-variant baselines (or load a running server)."""
     if checkpoint is None and not baseline:
-        live = {"rate": 1.0, "prompt_words": prompt_words, "max_tokens": max_tokens, "concurrency": concurrency,
-                "num_requests": num_requests, "duration_s": duration}
+        live = {
+            "rate": 1.0,
+            "prompt_words": prompt_words,
+            "max_tokens": max_tokens,
+            "concurrency": concurrency,
+            "num_requests": num_requests,
+            "duration_s": duration,
+        }
         _live(ctx, url, policy or [], _floats(rates or "1", "--rate"), live, out)
         return
     engines = import_backend("workbench.bench.engines", "bench")
     runner = import_backend("workbench.bench.runner", "bench")
     st = state(ctx)
     try:
-        spec = engines.BenchSpec(prompt_len=prompt_len, output_len=output_len, batches=_ints(batches, "--batches"),
-                                 rates=_floats(rates or "2,8,16", "--rate"), online_output_len=online_output_len,
-                                 online_duration_s=duration, runtime=runtime, port=port)
+        spec = engines.BenchSpec(
+            prompt_len=prompt_len,
+            output_len=output_len,
+            batches=_ints(batches, "--batches"),
+            rates=_floats(rates or "2,8,16", "--rate"),
+            online_output_len=online_output_len,
+            online_duration_s=duration,
+            runtime=runtime,
+            port=port,
+        )
         targets = []
         for item in baseline or []:
             name, sep, folder = item.partition("=")
@@ -94,8 +116,15 @@ def bench(
             targets.append(engines.baseline_target(name.strip(), Path(folder).expanduser()))
         if checkpoint is not None:
             policies = [policy_by_name_or_file(ctx, p) for p in policy or []]
-            targets.append(engines.Target(label="flex", kind="flex", checkpoint=checkpoint.expanduser(),
-                                          policies=policies, auto_policy=auto_policy))
+            targets.append(
+                engines.Target(
+                    label="flex",
+                    kind="flex",
+                    checkpoint=checkpoint.expanduser(),
+                    policies=policies,
+                    auto_policy=auto_policy,
+                )
+            )
             if not policies and not auto_policy:
                 fail("nothing to measure on the merged checkpoint: give --policy NAME or keep --auto-policy")
     except ValueError as exc:
@@ -109,11 +138,21 @@ def bench(
             bar.update(task, completed=done, description=escape(what))
 
         try:
-            results = runner.run_bench(spec, targets, out_json=results_path, db=st.engine(), settings=st.settings,
-                                       command=shlex.join(["flexquant", *sys.argv[1:]]), progress=on_progress,
-                                       resume=resume, start_targets_within_s=time_budget)
+            results = runner.run_bench(
+                spec,
+                targets,
+                out_json=results_path,
+                db=st.engine(),
+                settings=st.settings,
+                command=shlex.join(["flexquant", *sys.argv[1:]]),
+                progress=on_progress,
+                resume=resume,
+                start_targets_within_s=time_budget,
+            )
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/yellow]; what was measured is in {escape(str(results_path))}")
+            console.print(
+                f"[yellow]interrupted[/yellow]; what was measured is in {escape(str(results_path))}"
+            )
             raise typer.Exit(130) from None
         bar.update(task, completed=runner.total_units(spec, targets), description="done")
     _finish(results, results_path, out)
@@ -129,14 +168,18 @@ def _finish(results: dict, results_path: Path, out: Path) -> None:
         console.print(report.headline_markdown(results))
         console.print(f"report: {escape(str(out / 'report.html'))}")
     except ImportError as exc:  # plotly/pandas absent in a bare serving env: the JSON is the result
-        console.print(f"[yellow]no HTML report here ({escape(str(exc))}); run scripts/bench_report.py on the "
-                      "results file[/yellow]")
+        console.print(
+            f"[yellow]no HTML report here ({escape(str(exc))}); run scripts/bench_report.py on the "
+            "results file[/yellow]"
+        )
     console.print(f"results: {escape(str(results_path))} (status {results['status']})")
     if results["status"] != "complete":
         raise typer.Exit(1)
 
 
-def _live(ctx: typer.Context, url: str, policy: list[str], rates: tuple[float, ...], live: dict, out: Path) -> None:
+def _live(
+    ctx: typer.Context, url: str, policy: list[str], rates: tuple[float, ...], live: dict, out: Path
+) -> None:
     """Drive a running server with a Poisson workload; with 2+ policies compare them live."""
     loadgen = import_backend("workbench.loadgen", "bench")
     import pandas as pd

@@ -41,8 +41,14 @@ class PromptSource:
 
 
 def _body(model: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": stream}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -65,10 +71,14 @@ def burst(url: str, model: str, prompts: PromptSource, batch: int, max_tokens: i
             t0 = time.perf_counter()
             replies = await asyncio.gather(*(_post(client, url, b) for b in bodies))
             wall = time.perf_counter() - t0
-        short = [r["usage"]["completion_tokens"] for r in replies if r["usage"]["completion_tokens"] != max_tokens]
+        short = [
+            r["usage"]["completion_tokens"] for r in replies if r["usage"]["completion_tokens"] != max_tokens
+        ]
         if short:
-            raise RuntimeError(f"the server stopped {len(short)} of {batch} requests early ({short[:3]} tokens "
-                               f"instead of {max_tokens}); it must honour ignore_eos")
+            raise RuntimeError(
+                f"the server stopped {len(short)} of {batch} requests early ({short[:3]} tokens "
+                f"instead of {max_tokens}); it must honour ignore_eos"
+            )
         return wall
 
     return asyncio.run(run())
@@ -121,8 +131,16 @@ async def _stream_one(client: httpx.AsyncClient, url: str, body: dict, req: Stre
         req.error = str(exc) or type(exc).__name__
 
 
-def poisson(url: str, model: str, prompts: PromptSource, *, rate: float, duration_s: float, max_tokens: int,
-            seed: int = 0) -> tuple[list[StreamedRequest], float]:
+def poisson(
+    url: str,
+    model: str,
+    prompts: PromptSource,
+    *,
+    rate: float,
+    duration_s: float,
+    max_tokens: int,
+    seed: int = 0,
+) -> tuple[list[StreamedRequest], float]:
     """Requests arriving as a Poisson process for `duration_s`; returns them and the wall time until the
     last one finished. Arrival times depend only on `seed` and `rate`: every target sees the same load."""
     if rate <= 0 or duration_s <= 0:

@@ -52,7 +52,10 @@ class BenchSpec:
     def __post_init__(self) -> None:
         checks = [
             (1 <= self.prompt_len <= 32768, f"prompt length {self.prompt_len} must be 1..32768 tokens"),
-            (2 <= self.output_len <= 4096, f"output length {self.output_len} must be 2..4096 (TPOT needs 2+)"),
+            (
+                2 <= self.output_len <= 4096,
+                f"output length {self.output_len} must be 2..4096 (TPOT needs 2+)",
+            ),
             (2 <= self.online_output_len <= 4096, "online output length must be 2..4096"),
             (all(1 <= b <= 1024 for b in self.batches), f"batch sizes {self.batches} must be 1..1024"),
             (all(r > 0 for r in self.rates), f"arrival rates {self.rates} must be > 0 requests/s"),
@@ -88,21 +91,29 @@ class Target:
     def measurement_labels(self) -> list[str]:
         if self.kind == "stock":
             return [self.label]
-        return [f"{self.label}:{p.name}" for p in self.policies] + ([f"{self.label}:auto"] if self.auto_policy else [])
+        return [f"{self.label}:{p.name}" for p in self.policies] + (
+            [f"{self.label}:auto"] if self.auto_policy else []
+        )
 
 
 def baseline_target(name: str, checkpoint: Path) -> Target:
     """A stock baseline from `NAME=DIR` (NAME in BASELINE_NAMES); ValueError naming the choices."""
     if name not in BASELINE_NAMES:
-        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINE_NAMES)} "
-                         "(e.g. --baseline w4a16-marlin=/path/to/w4a16-export)")
+        raise ValueError(
+            f"unknown baseline {name!r}; choose from {sorted(BASELINE_NAMES)} "
+            "(e.g. --baseline w4a16-marlin=/path/to/w4a16-export)"
+        )
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
-        raise ValueError(f"baseline {name}: {checkpoint} has no config.json; give an exported checkpoint folder")
+        raise ValueError(
+            f"baseline {name}: {checkpoint} has no config.json; give an exported checkpoint folder"
+        )
     qcfg = fmt.read_config(checkpoint).get("quantization_config") or {}
     if qcfg.get("quant_method") == fmt.QUANT_METHOD:
-        raise ValueError(f"baseline {name}: {checkpoint} is a merged FlexQuant checkpoint; stock vLLM needs a "
-                         "single-variant export (flexquant export, or flexquant synth --layouts w8a8,w4a16,bf16)")
+        raise ValueError(
+            f"baseline {name}: {checkpoint} is a merged FlexQuant checkpoint; stock vLLM needs a "
+            "single-variant export (flexquant export, or flexquant synth --layouts w8a8,w4a16,bf16)"
+        )
     variant, kernel = BASELINE_NAMES[name]
     return Target(label=name, kind="stock", checkpoint=checkpoint, variant=variant, kernel=kernel)
 
@@ -117,7 +128,9 @@ def engine_config(target: Target, spec: BenchSpec, policy: Policy, port: int) ->
         kernels = {"w4a16": target.kernel}
     return ServeConfig(
         checkpoint=Path(target.checkpoint),
-        policy=policy if target.kind == "flex" else fixed_policy(re.sub(r"[^a-z0-9_]", "_", target.variant or "x")),
+        policy=policy
+        if target.kind == "flex"
+        else fixed_policy(re.sub(r"[^a-z0-9_]", "_", target.variant or "x")),
         port=port,
         runtime=spec.runtime,
         gpu_memory_utilization=spec.gpu_memory_utilization,
@@ -125,9 +138,11 @@ def engine_config(target: Target, spec: BenchSpec, policy: Policy, port: int) ->
         served_model_name="bench",
         stock=target.kind == "stock",
         kernels=kernels,
-        compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                            "cudagraph_capture_sizes": [s for s in CAPTURE_SIZES if s <= max(spec.max_batch, 1)]
-                            or [1]},
+        compilation_config={
+            "mode": 0,
+            "cudagraph_mode": "FULL_DECODE_ONLY",
+            "cudagraph_capture_sizes": [s for s in CAPTURE_SIZES if s <= max(spec.max_batch, 1)] or [1],
+        },
         max_num_seqs=max(spec.max_batch, 16),
         max_model_len=spec.max_model_len,
         extra_args=("--no-enable-prefix-caching",),
@@ -146,5 +161,6 @@ def weight_memory_gib(log_text: str) -> float | None:
 
 def with_policies(target: Target, policies: list[Policy], kernel: str | None) -> Target:
     """A copy of a flex target that measures `policies` first and runs the int4 kernel `kernel`."""
-    return replace(target, policies=[*policies, *target.policies], kernel=target.kernel or kernel,
-                   auto_policy=False)
+    return replace(
+        target, policies=[*policies, *target.policies], kernel=target.kernel or kernel, auto_policy=False
+    )

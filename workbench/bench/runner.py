@@ -51,16 +51,28 @@ def _machine(settings: Settings, spec: BenchSpec) -> dict:
     if spec.runtime == "vllm":
         # nvidia-smi and package metadata: a probe of the serving python would import torch + vLLM (~15 s)
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+            smi = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
         except (OSError, subprocess.TimeoutExpired):
             smi = []
         try:
             vllm_version = importlib.metadata.version("vllm")
         except importlib.metadata.PackageNotFoundError:
             vllm_version = None
-        info.update(gpu=smi[0].split(",")[0].strip() if smi else None, gpu_driver=smi[0].split(",")[-1].strip()
-                    if smi else None, vllm=vllm_version, serving_python=str(settings.vllm_python or sys.executable))
+        info.update(
+            gpu=smi[0].split(",")[0].strip() if smi else None,
+            gpu_driver=smi[0].split(",")[-1].strip() if smi else None,
+            vllm=vllm_version,
+            serving_python=str(settings.vllm_python or sys.executable),
+        )
         info["hbm_tb_s"] = hbm_tb_s(info) or H100_HBM_TB_S
     else:
         info.update(gpu=None, vllm=None, runtime="cpu reference")
@@ -99,8 +111,11 @@ def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, floa
         from storage.models import StepRecord
 
         with Session(handle.engine) as s:
-            rows = s.exec(select(StepRecord.variant).where(StepRecord.run_id == handle.run_id,
-                                                           col(StepRecord.ts) >= t0, col(StepRecord.ts) <= t1))
+            rows = s.exec(
+                select(StepRecord.variant).where(
+                    StepRecord.run_id == handle.run_id, col(StepRecord.ts) >= t0, col(StepRecord.ts) <= t1
+                )
+            )
             for variant in rows:
                 counts[variant] = counts.get(variant, 0) + 1
     total = sum(counts.values())
@@ -109,25 +124,50 @@ def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, floa
 
 def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
     repeats = spec.repeats_small if batch <= 16 else 1
-    prefill = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, 1) for _ in range(repeats))
-    full = statistics.median(client.burst(handle.base_url, "bench", prompts, batch, spec.output_len)
-                             for _ in range(repeats))
-    return {"batch": batch, "prefill_s": prefill, "decode_s": full,
-            "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000, "ttft_p50_ms": None,
-            "repeats": repeats, "variant_share": {}}
+    prefill = statistics.median(
+        client.burst(handle.base_url, "bench", prompts, batch, 1) for _ in range(repeats)
+    )
+    full = statistics.median(
+        client.burst(handle.base_url, "bench", prompts, batch, spec.output_len) for _ in range(repeats)
+    )
+    return {
+        "batch": batch,
+        "prefill_s": prefill,
+        "decode_s": full,
+        "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000,
+        "ttft_p50_ms": None,
+        "repeats": repeats,
+        "variant_share": {},
+    }
 
 
 def _online_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, rate: float) -> dict:
-    requests, wall = client.poisson(handle.base_url, "bench", prompts, rate=rate, duration_s=spec.online_duration_s,
-                                    max_tokens=spec.online_output_len, seed=spec.seed)
+    requests, wall = client.poisson(
+        handle.base_url,
+        "bench",
+        prompts,
+        rate=rate,
+        duration_s=spec.online_duration_s,
+        max_tokens=spec.online_output_len,
+        seed=spec.seed,
+    )
     return {"rate": rate, **client.summarize(requests, wall), "variant_share": {}}
 
 
 def _target_entry(target: Target, spec: BenchSpec) -> dict:
-    entry = {"label": target.label, "kind": target.kind, "checkpoint": str(target.checkpoint),
-             "variant": target.variant, "kernel": target.kernel, "policies": [p.name for p in target.policies],
-             "weight_memory_gib": None, "weight_bytes_b1": None, "engine_start_s": None, "run_id": None,
-             "error": None}
+    entry = {
+        "label": target.label,
+        "kind": target.kind,
+        "checkpoint": str(target.checkpoint),
+        "variant": target.variant,
+        "kernel": target.kernel,
+        "policies": [p.name for p in target.policies],
+        "weight_memory_gib": None,
+        "weight_bytes_b1": None,
+        "engine_start_s": None,
+        "run_id": None,
+        "error": None,
+    }
     first = target.policies[0] if target.policies else None
     b1_variant = decide(first, StepInfo(0, 1)) if (target.kind == "flex" and first) else target.variant
     try:
@@ -137,8 +177,17 @@ def _target_entry(target: Target, spec: BenchSpec) -> dict:
     return entry
 
 
-def _measure_target(target: Target, spec: BenchSpec, results: dict, *, db: Engine, settings: Settings,
-                    save: Callable[[], None], progress: Progress, done: list[int]) -> None:
+def _measure_target(
+    target: Target,
+    spec: BenchSpec,
+    results: dict,
+    *,
+    db: Engine,
+    settings: Settings,
+    save: Callable[[], None],
+    progress: Progress,
+    done: list[int],
+) -> None:
     entry = _target_entry(target, spec)
     results["targets"].append(entry)
     vocab = int(fmt.read_config(target.checkpoint)["vocab_size"])
@@ -189,16 +238,26 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
     from workbench.bench.autotune import save_tuned_policy, tune_policy
 
     # Baselines: stock engines, or (CPU runtime) the merged checkpoint pinned to one variant.
-    baselines = [r | {"variant": t["variant"], "kernel": t["kernel"]}
-                 for r in results["sweep"] for t in results["targets"]
-                 if t["label"] == r["target"] and t["variant"] not in (None, "bf16")]
+    baselines = [
+        r | {"variant": t["variant"], "kernel": t["kernel"]}
+        for r in results["sweep"]
+        for t in results["targets"]
+        if t["label"] == r["target"] and t["variant"] not in (None, "bf16")
+    ]
     if not baselines:
-        raise ValueError("the auto policy is tuned from the baselines' sweep, and no baseline was measured; "
-                         "add --baseline w8a8=DIR and --baseline w4a16-marlin=DIR (or pinned variants)")
+        raise ValueError(
+            "the auto policy is tuned from the baselines' sweep, and no baseline was measured; "
+            "add --baseline w8a8=DIR and --baseline w4a16-marlin=DIR (or pinned variants)"
+        )
     tuned = tune_policy(baselines, name="auto")
     record = save_tuned_policy(db, tuned)
-    results["autotune"] = {"policy_name": tuned.policy.name, "policy_id": record.id, "kernel": tuned.kernel,
-                           "policy_yaml": record.body_yaml, "data": tuned.data}
+    results["autotune"] = {
+        "policy_name": tuned.policy.name,
+        "policy_id": record.id,
+        "kernel": tuned.kernel,
+        "policy_yaml": record.body_yaml,
+        "data": tuned.data,
+    }
     return with_policies(target, [tuned.policy], tuned.kernel)
 
 
@@ -209,7 +268,11 @@ def _bf16_reference(targets: list[Target]) -> dict | None:
         gib = bf16_bytes(merged.checkpoint) / 2**30 if merged else None
     except (ValueError, OSError):
         return None
-    return {"weight_gib": round(gib, 3), "source": "2 bytes per parameter of the merged checkpoint"} if gib else None
+    return (
+        {"weight_gib": round(gib, 3), "source": "2 bytes per parameter of the merged checkpoint"}
+        if gib
+        else None
+    )
 
 
 def _spec_dict(spec: BenchSpec) -> dict:
@@ -220,13 +283,19 @@ def _resumed(out_json: Path, spec: BenchSpec, command: str) -> tuple[dict, set[s
     """The earlier results at `out_json` with only its fully measured targets, and their labels."""
     old = json.loads(out_json.read_text())
     if old.get("schema") != SCHEMA or old.get("spec") != _spec_dict(spec):
-        raise ValueError(f"{out_json} holds results of another workload (spec {old.get('spec')}); resume only "
-                         "with the same settings, or choose another --out folder")
+        raise ValueError(
+            f"{out_json} holds results of another workload (spec {old.get('spec')}); resume only "
+            "with the same settings, or choose another --out folder"
+        )
     per_label = len(spec.batches) + len(spec.rates)
     rows = old["sweep"] + old["online"]
-    done = {t["label"] for t in old["targets"]
-            if t.get("error") is None and t.get("engine_start_s") is not None
-            and sum(r["target"] == t["label"] for r in rows) == per_label * max(1, len(t.get("policies") or []))}
+    done = {
+        t["label"]
+        for t in old["targets"]
+        if t.get("error") is None
+        and t.get("engine_start_s") is not None
+        and sum(r["target"] == t["label"] for r in rows) == per_label * max(1, len(t.get("policies") or []))
+    }
     old["targets"] = [t for t in old["targets"] if t["label"] in done]
     old["sweep"] = [r for r in old["sweep"] if r["target"] in done]
     old["online"] = [r for r in old["online"] if r["target"] in done]
@@ -235,9 +304,18 @@ def _resumed(out_json: Path, spec: BenchSpec, command: str) -> tuple[dict, set[s
     return old, done
 
 
-def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Engine, settings: Settings,
-              command: str = "", progress: Progress | None = None, resume: bool = False,
-              start_targets_within_s: float | None = None) -> dict:
+def run_bench(
+    spec: BenchSpec,
+    targets: list[Target],
+    *,
+    out_json: Path,
+    db: Engine,
+    settings: Settings,
+    command: str = "",
+    progress: Progress | None = None,
+    resume: bool = False,
+    start_targets_within_s: float | None = None,
+) -> dict:
     """Measure every target; return the results dict (also at `out_json` and in a `Run` row).
 
     `resume`: keep the fully measured targets of an earlier run at `out_json` (same spec) and measure
@@ -256,13 +334,29 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
         ordered = [t for t in ordered if t.label not in kept]
         results.update(status="running", ended_at=None)
     else:
-        results = {"schema": SCHEMA, "status": "running", "started_at": time.time(), "ended_at": None,
-                   "command": command, "machine": _machine(settings, spec), "spec": _spec_dict(spec),
-                   "targets": [], "sweep": [], "online": [], "autotune": None, "errors": [],
-                   "bf16_reference": _bf16_reference(targets)}
-    run_id = create_run(db, runtime=spec.runtime, checkpoint_path=str(targets[-1].checkpoint), kind="bench",
-                        policy_name=",".join(l for t in ordered for l in t.measurement_labels()),
-                        config={"spec": results["spec"], "out_json": str(out_json)})
+        results = {
+            "schema": SCHEMA,
+            "status": "running",
+            "started_at": time.time(),
+            "ended_at": None,
+            "command": command,
+            "machine": _machine(settings, spec),
+            "spec": _spec_dict(spec),
+            "targets": [],
+            "sweep": [],
+            "online": [],
+            "autotune": None,
+            "errors": [],
+            "bf16_reference": _bf16_reference(targets),
+        }
+    run_id = create_run(
+        db,
+        runtime=spec.runtime,
+        checkpoint_path=str(targets[-1].checkpoint),
+        kind="bench",
+        policy_name=",".join(label for t in ordered for label in t.measurement_labels()),
+        config={"spec": results["spec"], "out_json": str(out_json)},
+    )
     results["run_id"] = run_id
 
     def save() -> None:
@@ -274,15 +368,18 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
     try:
         for target in ordered:
             if start_targets_within_s is not None and time.monotonic() - t_begin > start_targets_within_s:
-                results["errors"].append(f"time budget of {start_targets_within_s:.0f} s reached before "
-                                         f"{target.label}; run again with --resume to measure the rest")
+                results["errors"].append(
+                    f"time budget of {start_targets_within_s:.0f} s reached before "
+                    f"{target.label}; run again with --resume to measure the rest"
+                )
                 results["status"] = "interrupted"
                 break
             try:
                 if target.auto_policy:
                     target = _autotune(results, target, db)
-                _measure_target(target, spec, results, db=db, settings=settings, save=save,
-                                progress=progress, done=done)
+                _measure_target(
+                    target, spec, results, db=db, settings=settings, save=save, progress=progress, done=done
+                )
             except Exception as exc:  # noqa: BLE001 - one target failing must not lose the others
                 log.exception("bench target %s failed", target.label)
                 results["errors"].append(f"target {target.label}: {exc}")
@@ -297,5 +394,7 @@ def run_bench(spec: BenchSpec, targets: list[Target], *, out_json: Path, db: Eng
     finally:
         results["ended_at"] = time.time()
         save()
-        end_run(db, run_id, status={"complete": "ended"}.get(results["status"], results["status"]), result=results)
+        end_run(
+            db, run_id, status={"complete": "ended"}.get(results["status"], results["status"]), result=results
+        )
     return results

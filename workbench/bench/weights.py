@@ -12,7 +12,14 @@ from pathlib import Path
 
 from workbench import ckpt_format as fmt
 
-__all__ = ["H100_HBM_TB_S", "bf16_bytes", "hbm_tb_s", "decode_bytes_per_step", "roofline_fraction", "tensor_bytes"]
+__all__ = [
+    "H100_HBM_TB_S",
+    "bf16_bytes",
+    "hbm_tb_s",
+    "decode_bytes_per_step",
+    "roofline_fraction",
+    "tensor_bytes",
+]
 
 H100_HBM_TB_S = 3.35
 # Peak HBM bandwidth by GPU name (vendor data sheets); the first match wins, so specific names first.
@@ -43,8 +50,10 @@ def decode_bytes_per_step(ckpt_dir: Path, variant: str | None = None) -> int:
     qcfg = config.get("quantization_config") or {}
     variants = list(qcfg.get("variants") or {}) if qcfg.get("quant_method") == fmt.QUANT_METHOD else []
     if variants and variant not in variants:
-        raise ValueError(f"{ckpt_dir.name} is a merged checkpoint with variants {variants}; name one of them, "
-                         f"not {variant!r}")
+        raise ValueError(
+            f"{ckpt_dir.name} is a merged checkpoint with variants {variants}; name one of them, "
+            f"not {variant!r}"
+        )
     total = 0
     for key, nbytes in sizes.items():
         if key == EMBED_KEY and not tied:
@@ -92,4 +101,3 @@ def roofline_fraction(weight_bytes: int, step_ms: float, hbm_tb_s: float = H100_
     if step_ms <= 0:
         raise ValueError(f"step time must be > 0 ms, got {step_ms}")
     return (weight_bytes / (hbm_tb_s * 1e12)) / (step_ms / 1000)
-

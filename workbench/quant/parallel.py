@@ -22,7 +22,12 @@ from pathlib import Path
 from jobs.progress import Cancelled, Reporter
 from workbench.quant.recipe import QuantRecipe
 
-__all__ = ["PARALLEL_MAX_MODEL_BYTES", "PARALLEL_MIN_MODEL_BYTES", "quantize_variants_in_parallel", "use_parallel_variants"]
+__all__ = [
+    "PARALLEL_MAX_MODEL_BYTES",
+    "PARALLEL_MIN_MODEL_BYTES",
+    "quantize_variants_in_parallel",
+    "use_parallel_variants",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,9 @@ def _init_child(progress_queue, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _quantize_one(base_dir: str, tokenizer_dir: str, variant: str, out_dir: str, recipe_json: str,
-                  group_size: int | None) -> tuple[str, float]:
+def _quantize_one(
+    base_dir: str, tokenizer_dir: str, variant: str, out_dir: str, recipe_json: str, group_size: int | None
+) -> tuple[str, float]:
     from transformers import AutoTokenizer
 
     from workbench.quant.factory import calibration_dataset, quantize_variant
@@ -86,13 +92,32 @@ def _quantize_one(base_dir: str, tokenizer_dir: str, variant: str, out_dir: str,
     recipe = QuantRecipe.model_validate_json(recipe_json)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     data, _ = calibration_dataset(tokenizer, recipe) if recipe.needs_calibration else (None, None)
-    quantize_variant(Path(base_dir), variant, Path(out_dir), recipe=recipe, data=data, tokenizer=tokenizer,
-                     group_size=group_size, reporter=_QueueReporter(variant), lo=0.0, hi=100.0)
+    quantize_variant(
+        Path(base_dir),
+        variant,
+        Path(out_dir),
+        recipe=recipe,
+        data=data,
+        tokenizer=tokenizer,
+        group_size=group_size,
+        reporter=_QueueReporter(variant),
+        lo=0.0,
+        hi=100.0,
+    )
     return variant, time.monotonic() - t0
 
 
-def quantize_variants_in_parallel(base_dir: Path, tokenizer_dir: Path, out_root: Path, *, recipe: QuantRecipe,
-                                  group_sizes: dict, reporter, lo: float, hi: float) -> tuple[dict, dict]:
+def quantize_variants_in_parallel(
+    base_dir: Path,
+    tokenizer_dir: Path,
+    out_root: Path,
+    *,
+    recipe: QuantRecipe,
+    group_sizes: dict,
+    reporter,
+    lo: float,
+    hi: float,
+) -> tuple[dict, dict]:
     """Quantize every variant of `recipe` from `base_dir` at once; ({variant: folder}, {variant: seconds}).
 
     Progress maps the mean of the children's percentages onto [lo, hi]; `Cancelled` from the
@@ -103,26 +128,46 @@ def quantize_variants_in_parallel(base_dir: Path, tokenizer_dir: Path, out_root:
     progress_queue = ctx.Queue()
     percents = dict.fromkeys(variants, 0.0)
     messages = dict.fromkeys(variants, "starting")
-    pool = ProcessPoolExecutor(max_workers=len(variants), mp_context=ctx, initializer=_init_child,
-                               initargs=(progress_queue, threads))
-    futures = {pool.submit(_quantize_one, str(base_dir), str(tokenizer_dir), v, str(out_root / v),
-                           recipe.model_dump_json(), group_sizes[v]): v for v in variants}
-    reporter.log(f"quantizing {', '.join(variants)} side by side: {len(variants)} processes x {threads} thread(s)")
+    pool = ProcessPoolExecutor(
+        max_workers=len(variants), mp_context=ctx, initializer=_init_child, initargs=(progress_queue, threads)
+    )
+    futures = {
+        pool.submit(
+            _quantize_one,
+            str(base_dir),
+            str(tokenizer_dir),
+            v,
+            str(out_root / v),
+            recipe.model_dump_json(),
+            group_sizes[v],
+        ): v
+        for v in variants
+    }
+    reporter.log(
+        f"quantizing {', '.join(variants)} side by side: {len(variants)} processes x {threads} thread(s)"
+    )
+    stage = "quantize " + "+".join(variants)
+
+    def report() -> None:
+        overall = sum(percents.values()) / len(percents)
+        reporter.update(
+            stage, lo + (hi - lo) * overall / 100.0, " · ".join(f"{v} {messages[v]}" for v in variants)
+        )
+
     try:
         pending = set(futures)
+        report()
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            _drain(progress_queue, percents, messages, reporter)
+            _drain(progress_queue, percents, messages, reporter, report)
             for future in done:
                 if future.exception() is not None:
                     variant = futures[future]
-                    raise RuntimeError(f"quantizing variant {variant} failed: {future.exception()}") \
-                        from future.exception()
-            overall = sum(percents.values()) / len(percents)
-            reporter.update("quantize " + "+".join(variants), lo + (hi - lo) * overall / 100.0,
-                            " · ".join(f"{v} {messages[v]}" for v in variants))
+                    raise RuntimeError(
+                        f"quantizing variant {variant} failed: {future.exception()}"
+                    ) from future.exception()
             reporter.check_cancelled()
-        _drain(progress_queue, percents, messages, reporter)
+        _drain(progress_queue, percents, messages, reporter, report)
     except (Cancelled, RuntimeError, KeyboardInterrupt):
         _kill(pool)
         raise
@@ -132,7 +177,9 @@ def quantize_variants_in_parallel(base_dir: Path, tokenizer_dir: Path, out_root:
     return {v: out_root / v for v in variants}, results
 
 
-def _drain(progress_queue, percents: dict, messages: dict, reporter) -> None:
+def _drain(progress_queue, percents: dict, messages: dict, reporter, report) -> None:
+    """Forward what the children sent since the last poll: every update (each layer of each variant
+    reaches the job's progress, none is overwritten unseen) and every log line."""
     while True:
         try:
             kind, variant, percent, text = progress_queue.get_nowait()
@@ -142,6 +189,7 @@ def _drain(progress_queue, percents: dict, messages: dict, reporter) -> None:
             reporter.log(f"{variant}: {text}")
         else:
             percents[variant], messages[variant] = percent, text
+            report()
 
 
 def _kill(pool: ProcessPoolExecutor) -> None:

@@ -110,8 +110,8 @@ def choose_runtime(cfg: ServeConfig, settings: Settings) -> str:
     """"cpu" or "vllm"; ServeError when vLLM was asked for and cannot run here."""
     if cfg.runtime == "cpu":
         if cfg.stock:
-            raise ServeError("stock vLLM baselines need the vLLM runtime; on the CPU runtime pin a variant of "
-                             "the merged checkpoint instead (policy all-<variant>)")
+            raise ServeError("stock vLLM baselines need the vLLM runtime; on the CPU runtime pin a "
+                             "variant of the merged checkpoint instead (policy all-<variant>)")
         return "cpu"
     has_gpu = shutil.which("nvidia-smi") is not None
     if cfg.runtime == "auto" and not has_gpu and not cfg.stock:

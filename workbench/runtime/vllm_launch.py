@@ -114,7 +114,8 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
     qcfg = read_config(ckpt).get("quantization_config") or {}
     is_flex = qcfg.get("quant_method") == QUANT_METHOD
     if is_flex:
-        check_policy_for(cfg.policy, list(qcfg.get("variants") or {}), read_config(ckpt).get("num_hidden_layers"))
+        num_layers = read_config(ckpt).get("num_hidden_layers")
+        check_policy_for(cfg.policy, list(qcfg.get("variants") or {}), num_layers)
 
     run_dir = Path(tempfile.gettempdir()) / f"flexquant-vllm-{cfg.port}"
     policy_file = Path(getattr(cfg, "policy_file", None) or run_dir / "policy.json")
