@@ -215,6 +215,8 @@ def test_variants_side_by_side_give_the_same_checkpoint(tiny_source, tmp_path, m
     parallel = quantize_and_merge(tiny_source, tmp_path / "par", recipe, reporter=reporter,
                                   work_dir=tmp_path / "w2")
     assert check_checkpoint(parallel).ok
+    manifest = json.loads((parallel / fmt.MANIFEST_NAME).read_text())
+    assert manifest["peak_rss_largest_child_bytes"] > 50 * 2**20  # a child loaded torch and the model
     a, b = _tensors(sequential), _tensors(parallel)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stages = [s for s, _, _ in reporter.updates]

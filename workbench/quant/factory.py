@@ -47,8 +47,8 @@ LOAD_END, CALIB_END, SMOOTH_END, QUANT_END = 4.0, 6.0, 18.0, 90.0
 STORAGE_DTYPE = torch.bfloat16
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    return resource.getrusage(who).ru_maxrss * 1024  # Linux reports KiB
 
 
 def compute_dtype() -> torch.dtype:
@@ -369,6 +369,8 @@ def quantize_and_merge(
         },
         "timings_s": {k: round(x, 2) for k, x in timings.items()},
         "peak_rss_bytes": _peak_rss_bytes(),
+        # Variants quantized side by side ran in child processes (the job worker's tree RSS counts all)
+        "peak_rss_largest_child_bytes": _peak_rss_bytes(resource.RUSAGE_CHILDREN),
     }
     from jobs.progress import Span
 
