@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from jobs.progress import Cancelled, Reporter
 from workbench import ckpt_format as fmt
+from workbench.quant.calibration import calibration_dataset
 from workbench.quant.check import check_checkpoint
 from workbench.quant.ckpt_io import tensor_index
 from workbench.quant.export import export_variant
-from workbench.quant.factory import calibration_dataset, quantize_and_merge, quantize_variant
+from workbench.quant.factory import quantize_and_merge, quantize_variant
 from workbench.quant.recipe import QuantRecipe
 from workbench.quant.shapes import make_tiny_source_model
 

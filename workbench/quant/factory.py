@@ -1,6 +1,6 @@
 """`quantize_and_merge`: a bf16 HF model folder -> one merged multi-variant FlexQuant checkpoint.
 
-Stages: load -> calibration data -> SmoothQuant ONCE (llmcompressor `SmoothQuantModifier`; it folds
+Stages: load -> calibration data (`calibration.py`) -> SmoothQuant ONCE (llmcompressor `SmoothQuantModifier`; it folds
 scales into the layer norms every variant shares) -> for each variant, reload the SAME smoothed
 weights and quantize them (GPTQ, or data-free RTN for fp8) with llmcompressor `oneshot`, saving a
 compressed-tensors folder -> merge -> validate -> publish atomically. Intermediates live in
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.quant.calibration import LayerProgress, calibration_dataset
 from workbench.quant.ckpt_io import tool_versions
 from workbench.quant.merge import merge_variants
 from workbench.quant.parallel import quantize_variants_in_parallel, use_parallel_variants
@@ -36,7 +37,6 @@ __all__ = [
     "quantize_and_merge",
     "quantize_variant",
     "smooth_model",
-    "calibration_dataset",
     "quantized_in_features",
 ]
 
@@ -88,59 +88,6 @@ def quantized_in_features(model: torch.nn.Module) -> list[int]:
     ]
 
 
-def calibration_dataset(tokenizer, recipe: QuantRecipe):
-    """(datasets.Dataset of token ids, provenance dict) from the recipe's calibration text."""
-    from datasets import Dataset
-
-    from workbench.textdata import calibration_texts, dataset_name
-
-    path = Path(recipe.calibration_path) if recipe.calibration_path else None
-    texts = calibration_texts(path, recipe.num_samples)
-    rows = [tokenizer(t, truncation=True, max_length=recipe.seq_len)["input_ids"] for t in texts]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        raise ValueError(
-            f"calibration text {path or 'built-in'} gave no usable samples; use a file with text"
-        )
-    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
-    info = {
-        "source": dataset_name(path, purpose="calibration"),
-        "path": str(path) if path else None,
-        "num_samples": len(rows),
-        "requested_samples": recipe.num_samples,
-        "seq_len": recipe.seq_len,
-        "num_tokens": sum(map(len, rows)),
-        "sha256": digest,
-    }
-    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
-    return data, info
-
-
-class _LayerProgress:
-    """Forward pre-hooks on the decoder layers: llmcompressor's sequential pipeline calibrates and
-    quantizes one layer at a time, so the first call into layer i means layers < i are done."""
-
-    def __init__(self, model: torch.nn.Module, reporter, stage: str, lo: float, hi: float):
-        layers = getattr(getattr(model, "model", None), "layers", None) or []
-        self.total, self.seen = max(len(layers), 1), set()
-        self.reporter, self.stage, self.lo, self.hi = reporter, stage, lo, hi
-        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
-
-    def _hook(self, index: int):
-        def hook(_module, _args):
-            if index not in self.seen:
-                self.seen.add(index)
-                pct = self.lo + (self.hi - self.lo) * index / self.total
-                self.reporter.update(self.stage, pct, f"layer {index + 1}/{self.total}")
-                self.reporter.check_cancelled()  # Cancelled propagates out of oneshot
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe, **extra) -> None:
     from llmcompressor import oneshot
 
@@ -165,7 +112,7 @@ def smooth_model(source_dir: Path, out_dir: Path, recipe: QuantRecipe, data, tok
     from llmcompressor.modifiers.transform import SmoothQuantModifier
 
     model = _load(source_dir)
-    progress = _LayerProgress(model, reporter, "smooth", CALIB_END, SMOOTH_END)
+    progress = LayerProgress(model, reporter, "smooth", CALIB_END, SMOOTH_END)
     try:
         _oneshot(
             model,
@@ -218,7 +165,7 @@ def quantize_variant(
         modifier = QuantizationModifier(**kwargs)
     model = _load(model_dir)
     progress = (
-        _LayerProgress(model, reporter, f"quantize {variant}", lo, lo + (hi - lo) * 0.9) if reporter else None
+        LayerProgress(model, reporter, f"quantize {variant}", lo, lo + (hi - lo) * 0.9) if reporter else None
     )
     try:
         _oneshot(model, tokenizer, modifier, data if spec.algorithm == "gptq" else None, recipe)

@@ -86,7 +86,8 @@ def _quantize_one(
 ) -> tuple[str, float]:
     from transformers import AutoTokenizer
 
-    from workbench.quant.factory import calibration_dataset, quantize_variant
+    from workbench.quant.calibration import calibration_dataset
+    from workbench.quant.factory import quantize_variant
 
     t0 = time.monotonic()
     recipe = QuantRecipe.model_validate_json(recipe_json)
