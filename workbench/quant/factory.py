@@ -1,11 +1,11 @@
 """`quantize_and_merge`: a bf16 HF model folder -> one merged multi-variant FlexQuant checkpoint.
 
-Stages: load -> calibration data (`calibration.py`) -> SmoothQuant ONCE (llmcompressor `SmoothQuantModifier`; it folds
-scales into the layer norms every variant shares) -> for each variant, reload the SAME smoothed
-weights and quantize them (GPTQ, or data-free RTN for fp8) with llmcompressor `oneshot`, saving a
-compressed-tensors folder -> merge -> validate -> publish atomically. Intermediates live in
-`work_dir`; only one model copy is in memory at a time.
-"""
+Stages: load -> calibration data (`calibration.py`) -> SmoothQuant ONCE (llmcompressor
+`SmoothQuantModifier`; it folds scales into the layer norms every variant shares) -> for each
+variant, reload the SAME smoothed weights and quantize them (GPTQ, or data-free RTN for fp8) with
+llmcompressor `oneshot`, saving a compressed-tensors folder (on a CPU, small models run the variants
+side by side: `parallel.py`) -> merge -> validate -> publish atomically. Intermediates live in
+`work_dir`."""
 
 from __future__ import annotations
 
