@@ -82,6 +82,8 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
     ]
     for row in results["sweep"]:
         assert 0 < row["prefill_s"] < row["decode_s"] and row["tpot_ms"] > 0, row
+        assert len(row["prefill_s_samples"]) == len(row["decode_s_samples"]) == row["repeats"] == 3
+        assert row["prefill_s"] == sorted(row["prefill_s_samples"])[1]  # the median of the samples
     assert [r["label"] for r in results["online"]] == labels
     for row in results["online"]:
         assert row["completed"] == row["requests"] > 0 and row["errors"] == 0, row

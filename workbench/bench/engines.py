@@ -43,6 +43,7 @@ class BenchSpec:
     online_output_len: int = 128
     online_duration_s: float = 20.0
     repeats_small: int = 3  # closed batches <= 16 are short and noisy: take the median of this many
+    repeats_large: int = 1  # closed batches > 16 (seconds each)
     seed: int = 0
     runtime: str = "vllm"  # "vllm" | "cpu" (the CPU reference: tests and demos, no stock baselines)
     gpu_memory_utilization: float = 0.85
@@ -61,7 +62,7 @@ class BenchSpec:
             (all(r > 0 for r in self.rates), f"arrival rates {self.rates} must be > 0 requests/s"),
             (0 < self.online_duration_s <= 3600, "online duration must be 0..3600 s"),
             (self.runtime in ("vllm", "cpu"), f"runtime {self.runtime!r} must be 'vllm' or 'cpu'"),
-            (self.repeats_small >= 1, "repeats must be >= 1"),
+            (self.repeats_small >= 1 and self.repeats_large >= 1, "repeats must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

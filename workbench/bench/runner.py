@@ -123,13 +123,13 @@ def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, floa
 
 
 def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
-    repeats = spec.repeats_small if batch <= 16 else 1
-    prefill = statistics.median(
-        client.burst(handle.base_url, "bench", prompts, batch, 1) for _ in range(repeats)
-    )
-    full = statistics.median(
-        client.burst(handle.base_url, "bench", prompts, batch, spec.output_len) for _ in range(repeats)
-    )
+    repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
+    # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
+    prefills, fulls = [], []
+    for _ in range(repeats):
+        prefills.append(client.burst(handle.base_url, "bench", prompts, batch, 1))
+        fulls.append(client.burst(handle.base_url, "bench", prompts, batch, spec.output_len))
+    prefill, full = statistics.median(prefills), statistics.median(fulls)
     return {
         "batch": batch,
         "prefill_s": prefill,
@@ -137,6 +137,9 @@ def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSour
         "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000,
         "ttft_p50_ms": None,
         "repeats": repeats,
+        # every sample, so a report can show the spread behind each median
+        "prefill_s_samples": prefills,
+        "decode_s_samples": fulls,
         "variant_share": {},
     }
 
