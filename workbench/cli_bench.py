@@ -4,6 +4,8 @@ With `--checkpoint` and/or `--baseline NAME=DIR` it starts each engine in turn (
 single-variant exports, then FlexQuant on the merged checkpoint under every `--policy` and the
 auto-tuned one) and runs the same closed-batch sweep and Poisson loads on each; results go to
 `OUT/results.json`, `OUT/report.html` and a `Run` row. Without them it drives the server at `--url`.
+With `--import FILE` it stores a results file measured elsewhere (e.g. on a GPU machine) in this
+workbench's DB, where the Compare tab shows it.
 """
 
 from __future__ import annotations
@@ -81,8 +83,15 @@ def bench(
     concurrency: Annotated[int, typer.Option("--concurrency", help="Live mode.")] = 4,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Live mode: tokens per reply.")] = 32,
     prompt_words: Annotated[int, typer.Option("--prompt-words", help="Live mode: words per prompt.")] = 64,
+    import_file: Annotated[
+        Path | None,
+        typer.Option("--import", help="Store a results.json measured elsewhere in this DB (nothing is run)."),
+    ] = None,
 ) -> None:
     """Benchmark FlexQuant policies against stock single-variant baselines (or load a running server)."""
+    if import_file is not None:
+        _import(ctx, import_file)
+        return
     if checkpoint is None and not baseline:
         live = {
             "rate": 1.0,
@@ -156,6 +165,26 @@ def bench(
             raise typer.Exit(130) from None
         bar.update(task, completed=runner.total_units(spec, targets), description="done")
     _finish(results, results_path, out)
+
+
+def _import(ctx: typer.Context, path: Path) -> None:
+    """`--import FILE`: check the file, store it as a bench `Run`, print its headline table and run id."""
+    report = import_backend("workbench.bench.report", "bench --import")
+    store = import_backend("workbench.bench.store", "bench --import")
+    path = path.expanduser()
+    try:
+        results = report.load_results(path)
+    except report.ResultsError as exc:
+        fail(str(exc))
+    run_id = store.import_results(state(ctx).engine(), results, str(path.resolve()))
+    try:
+        console.print(report.headline_markdown(results))
+    except ValueError as exc:  # e.g. several FlexQuant policies and no auto-tuned one: still stored
+        console.print(f"[yellow]no headline table: {escape(str(exc))}[/yellow]")
+    console.print(
+        f"stored as bench run {run_id} (status {escape(store.run_status(results))}); "
+        "see it in the app's Compare tab"
+    )
 
 
 def _finish(results: dict, results_path: Path, out: Path) -> None:

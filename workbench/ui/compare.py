@@ -1,4 +1,5 @@
-"""Compare tab: a short benchmark of 2+ policies on one workload, and a two-pane chat arena.
+"""Compare tab: a short benchmark of 2+ policies on one workload, a two-pane chat arena, and the
+stored `flexquant bench` results (stock single variants vs FlexQuant, measured on a GPU).
 
 Both run on the one running server: a policy is applied live (PUT /flexquant/policy) before its
 runs, so every policy serves the same checkpoint, prompts (same seed) and loads. The arena follows
@@ -16,6 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from workbench import plots, views
+from workbench.bench import figures, report
 from workbench.chat_client import ChatStats, stream_chat
 from workbench.loadgen import LoadSpec, compare_policies
 from workbench.policy import Policy
@@ -24,9 +26,22 @@ from workbench.ui.common import TabHook, UIContext, user_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_compare_tab", "parse_rates", "NUM_SIDES"]
+__all__ = ["build_compare_tab", "parse_rates", "NUM_SIDES", "BENCH_EMPTY"]
 
 NUM_SIDES = 2
+BENCH_EMPTY = (
+    "No benchmark results stored yet. Measure on a GPU machine with `flexquant bench --baseline "
+    "w8a8=DIR --baseline w4a16-marlin=DIR --checkpoint MERGED_DIR` (the run is stored here when it "
+    "shares this data folder), or bring its results file over: `flexquant bench --import results.json`."
+)
+# (section of report.frames, metric, figure builder) of each benchmark chart, two per row.
+BENCH_FIGURES = [
+    ("sweep", "prefill_s", figures.sweep_figure),
+    ("sweep", "tpot_ms", figures.sweep_figure),
+    ("online", "ttft_p50_ms", figures.online_figure),
+    ("online", "tpot_p50_ms", figures.online_figure),
+]
+GOAL_TABLE_COLUMNS = ["goal", "name", "where", "flex", "reference_label", "reference", "ratio", "met"]
 SUMMARY_COLUMNS = [
     "policy",
     "rate",
@@ -222,4 +237,51 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
         ]
 
     refresh.click(refresh_lists, [chosen, *pickers], [chosen, *pickers])
-    return TabHook(refresh_lists, [chosen, *pickers], [chosen, *pickers])
+    bench_pick = _build_bench_results(ctx)
+
+    def on_open(chosen_now, picked_bench, *picked):
+        return *refresh_lists(chosen_now, *picked), _bench_choices(ctx, picked_bench)
+
+    hooked = [chosen, *pickers]
+    return TabHook(on_open, [chosen, bench_pick, *pickers], [*hooked, bench_pick])
+
+
+def _bench_choices(ctx: UIContext, current: int | None) -> dict:
+    """The stored bench runs, newest first; keeps the shown run if it is still there."""
+    choices = views.bench_run_choices(ctx.engine)
+    ids = [run_id for _, run_id in choices]
+    return gr.update(choices=choices, value=current if current in ids else (ids[0] if ids else None))
+
+
+def _build_bench_results(ctx: UIContext) -> gr.Dropdown:
+    """The "Benchmark results" section; returns its run picker (refreshed when the tab opens)."""
+    with gr.Accordion("Benchmark results (flexquant bench)", open=True, elem_id="fq-bench"):
+        pick = gr.Dropdown(
+            [], value=None, label="Stored benchmark run (newest first)", elem_id="fq-bench-run"
+        )
+        info = gr.Markdown(BENCH_EMPTY, elem_id="fq-bench-info")
+        with gr.Column(visible=False) as shown:
+            headline = gr.Markdown(elem_id="fq-bench-headline")
+            with gr.Accordion("Goals at every batch and rate", open=False):
+                goal_table = gr.Dataframe(pd.DataFrame(columns=GOAL_TABLE_COLUMNS), interactive=False)
+            plots_out = []
+            for row in range(0, len(BENCH_FIGURES), 2):
+                with gr.Row():
+                    for section, metric, _ in BENCH_FIGURES[row : row + 2]:
+                        plots_out.append(gr.Plot(elem_id=f"fq-bench-{section}-{metric}", show_label=False))
+
+    def show(run_id):
+        if run_id is None:
+            return BENCH_EMPTY, gr.update(visible=False), "", pd.DataFrame(), *[None] * len(plots_out)
+        try:
+            results = views.bench_results(ctx.engine, int(run_id))
+            frames = report.frames(results)
+            headline_text = report.headline_markdown(results)
+            goal_rows = report.goals(results).reindex(columns=GOAL_TABLE_COLUMNS).round(3)
+        except Exception as exc:
+            raise user_error(exc) from None
+        figs = [build(frames[section], metric) for section, metric, build in BENCH_FIGURES]
+        return views.describe_bench_run(results), gr.update(visible=True), headline_text, goal_rows, *figs
+
+    pick.change(show, [pick], [info, shown, headline, goal_table, *plots_out])
+    return pick
