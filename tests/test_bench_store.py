@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from storage.db import open_db
-from workbench import views
+from workbench import views_bench
 from workbench.bench.report import ResultsError, load_results
 from workbench.bench.store import import_results
 from workbench.cli import app
@@ -55,7 +55,7 @@ def test_cli_import_stores_the_run_and_prints_the_headline(tmp_path: Path) -> No
 
     engine = open_db(data_dir / "workbench.db")
     try:
-        runs = views.bench_runs(engine)
+        runs = views_bench.bench_runs(engine)
         assert runs.to_dict("records") == [
             {
                 "id": 1,
@@ -109,20 +109,20 @@ def test_import_results_status_runtime_and_order(db_engine) -> None:
     second = import_results(db_engine, interrupted, "b.json")
     third = import_results(db_engine, sample, "c.json")
 
-    runs = views.bench_runs(db_engine)
+    runs = views_bench.bench_runs(db_engine)
     assert runs["id"].tolist() == [third, second, first]  # newest start first
     assert runs["status"].tolist() == ["ended", "interrupted", "ended"]
     assert runs.loc[0, "gpu"] == "NVIDIA H100 80GB HBM3"
     assert runs.loc[0, "labels"] == "w8a8, w4a16-marlin, w4a16-machete, bf16"
-    choices = views.bench_run_choices(db_engine)
+    choices = views_bench.bench_run_choices(db_engine)
     assert [run_id for _, run_id in choices] == [third, second, first]
     assert choices[1][0].startswith(f"#{second} · 2026-11-26 01:36 UTC · NVIDIA H200 · w8a8")
-    assert views.bench_results(db_engine, first) == h200
-    assert views.bench_results(db_engine, second)["status"] == "interrupted"
+    assert views_bench.bench_results(db_engine, first) == h200
+    assert views_bench.bench_results(db_engine, second)["status"] == "interrupted"
 
     with pytest.raises(ResultsError, match="bad.json is not a valid"):
         import_results(db_engine, {**h200, "targets": "w8a8"}, "bad.json")
-    assert len(views.bench_runs(db_engine)) == 3
+    assert len(views_bench.bench_runs(db_engine)) == 3
 
 
 def test_bench_views_ignore_other_runs_and_explain_missing_ones(db_engine) -> None:
@@ -130,19 +130,19 @@ def test_bench_views_ignore_other_runs_and_explain_missing_ones(db_engine) -> No
 
     serve = create_run(db_engine, runtime="cpu", checkpoint_path="/x", policy_name="p")
     running = create_run(db_engine, runtime="vllm", checkpoint_path="/x", policy_name="w8a8", kind="bench")
-    assert views.bench_runs(db_engine)["id"].tolist() == [running]  # the serving run is not a benchmark
+    assert views_bench.bench_runs(db_engine)["id"].tolist() == [running]  # the serving run is not a benchmark
     with pytest.raises(ValueError, match=f"no benchmark run with id {serve}"):
-        views.bench_results(db_engine, serve)
+        views_bench.bench_results(db_engine, serve)
     with pytest.raises(ValueError, match="no benchmark run with id 999"):
-        views.bench_results(db_engine, 999)
+        views_bench.bench_results(db_engine, 999)
     with pytest.raises(ValueError, match=f"benchmark run {running} has no results yet"):
-        views.bench_results(db_engine, running)
+        views_bench.bench_results(db_engine, running)
 
 
 def test_describe_bench_run() -> None:
-    text = views.describe_bench_run(load_results(H200))
+    text = views_bench.describe_bench_run(load_results(H200))
     assert text.startswith("**complete** run of 2026-11-26 01:35 UTC on NVIDIA H200 (vLLM 0.26.0)")
     assert "batches [1, 4, 16, 64, 128], rates [4.0, 12.0, 24.0] req/s" in text
     assert "Command: `flexquant " in text
     failed = {**load_results(H200), "status": "failed", "errors": ["target bf16: engine did not start"]}
-    assert "- error: target bf16: engine did not start" in views.describe_bench_run(failed)
+    assert "- error: target bf16: engine did not start" in views_bench.describe_bench_run(failed)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import gradio as gr
 import pandas as pd
 
-from workbench import plots, views
+from workbench import plots, views, views_bench
 from workbench.bench import figures, report
 from workbench.chat_client import ChatStats, stream_chat
 from workbench.loadgen import LoadSpec, compare_policies
@@ -248,7 +248,7 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
 
 def _bench_choices(ctx: UIContext, current: int | None) -> dict:
     """The stored bench runs, newest first; keeps the shown run if it is still there."""
-    choices = views.bench_run_choices(ctx.engine)
+    choices = views_bench.bench_run_choices(ctx.engine)
     ids = [run_id for _, run_id in choices]
     return gr.update(choices=choices, value=current if current in ids else (ids[0] if ids else None))
 
@@ -274,14 +274,15 @@ def _build_bench_results(ctx: UIContext) -> gr.Dropdown:
         if run_id is None:
             return BENCH_EMPTY, gr.update(visible=False), "", pd.DataFrame(), *[None] * len(plots_out)
         try:
-            results = views.bench_results(ctx.engine, int(run_id))
+            results = views_bench.bench_results(ctx.engine, int(run_id))
             frames = report.frames(results)
             headline_text = report.headline_markdown(results)
             goal_rows = report.goals(results).reindex(columns=GOAL_TABLE_COLUMNS).round(3)
         except Exception as exc:
             raise user_error(exc) from None
         figs = [build(frames[section], metric) for section, metric, build in BENCH_FIGURES]
-        return views.describe_bench_run(results), gr.update(visible=True), headline_text, goal_rows, *figs
+        described = views_bench.describe_bench_run(results)
+        return described, gr.update(visible=True), headline_text, goal_rows, *figs
 
     pick.change(show, [pick], [info, shown, headline, goal_table, *plots_out])
     return pick
