@@ -69,6 +69,9 @@ def bench(
     out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.html.")] = Path(
         "bench-out"
     ),
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Runs per closed batch > 16 (median kept; <= 16: 3+).")
+    ] = 1,
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
     ] = None,
@@ -116,6 +119,8 @@ def bench(
             online_duration_s=duration,
             runtime=runtime,
             port=port,
+            repeats_small=max(3, repeats),
+            repeats_large=repeats,
         )
         targets = []
         for item in baseline or []:
