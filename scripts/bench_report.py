@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.bench.report import ResultsError, headline_markdown, load_results  # noqa: E402
+from workbench.bench.goals import headline_markdown  # noqa: E402
+from workbench.bench.report import ResultsError, load_results  # noqa: E402
 from workbench.bench.report_html import write_report, write_text_atomic  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

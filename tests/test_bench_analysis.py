@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench.bench import autotune, figures, report, report_html
+from workbench.bench import autotune, figures, goals, report, report_html
 from workbench.policy import DecodeRule, PolicyError, StepInfo, decide, decode_rule, parse_policy
 
 SAMPLE = Path(__file__).parent / "data" / "bench-sample.json"
@@ -224,7 +224,7 @@ def test_frames_flatten_online_latencies(baseline):
 
 def test_goals_on_the_oracle_of_the_baseline_are_met(baseline):
     results = with_oracle_flex(baseline, autotune.tune_policy(stock_rows(baseline)))
-    goal_rows = report.goals(results)
+    goal_rows = goals.goals(results)
     per_batch = goal_rows[goal_rows["goal"].isin([1, 2])]
     assert len(per_batch) == 10 and (per_batch["ratio"] == 1.0).all() and per_batch["met"].all()
     # TPOT reference at each batch is the best stock single variant (BF16 excluded).
@@ -318,7 +318,7 @@ def constructed_results() -> dict:
 
 
 def test_goals_known_answers():
-    goal_rows = report.goals(report.check_results(constructed_results()))
+    goal_rows = goals.goals(report.check_results(constructed_results()))
     assert (goal_rows["flex_label"] == "flex:auto").all()  # the auto-tuned policy, not flex:all-w8a8
     got = {
         (r.goal, r.metric, r.where): (r.reference_label, round(r.ratio, 4), r.met)
@@ -340,7 +340,7 @@ def test_goals_known_answers():
     assert (
         goal_rows.loc[goal_rows["where"] == "rate 8 req/s", "met"].isna().all()
     )  # in the spec, not measured
-    verdicts = report.goal_verdicts(goal_rows).set_index("name")
+    verdicts = goals.goal_verdicts(goal_rows).set_index("name")
     first = verdicts.loc["TTFT <= 1.03x W8A8-only"]
     assert (first["verdict"], first["worst_ratio"], first["where"], first["missing"]) == (
         "NOT met",
@@ -351,21 +351,21 @@ def test_goals_known_answers():
     assert (
         verdicts.loc["online p50 TPOT >= 15% below W8A8-only", "verdict"] == "incomplete"
     )  # 8 req/s missing
-    asked = report.goals(constructed_results(), include_bf16=True)
+    asked = goals.goals(constructed_results(), include_bf16=True)
     assert set(asked.loc[asked["goal"] == 2, "reference_label"].dropna()) == {"bf16"}  # only when asked
     with pytest.raises(
         ValueError,
         match=r"no FlexQuant measurement is labelled 'flex:nope'; the FlexQuant labels are \['flex:all-w8a8'",
     ):
-        report.goals(constructed_results(), "flex:nope")
+        goals.goals(constructed_results(), "flex:nope")
 
 
 def test_default_flex_label_needs_a_choice_among_several():
     results = constructed_results()
     results["autotune"] = None
     with pytest.raises(ValueError, match=r"several FlexQuant labels .*flex_label="):
-        report.goals(results)
-    assert report.goals(results, "flex:all-w8a8")["flex_label"].eq("flex:all-w8a8").all()
+        goals.goals(results)
+    assert goals.goals(results, "flex:all-w8a8")["flex_label"].eq("flex:all-w8a8").all()
     # FlexQuant rows are known by their target's kind, whatever the target is called.
     renamed = constructed_results()
     renamed["targets"][-1]["label"] = "fq"
@@ -376,18 +376,18 @@ def test_default_flex_label_needs_a_choice_among_several():
 
 
 def test_roofline_and_memory():
-    roof = report.roofline(constructed_results()).set_index("label")
+    roof = goals.roofline(constructed_results()).set_index("label")
     # (bytes / 2 TB/s) / TPOT: w8a8 8e9 B -> 4 ms of 5 ms
     assert roof.loc["w8a8", "fraction"] == pytest.approx(0.8)
     assert roof.loc["flex:auto", "fraction"] == pytest.approx(2.3 / 4.2)  # the flex target's bytes
     assert roof.loc["flex:all-w8a8", "bytes_from"] == "w8a8 (same variant)"
     assert roof.loc["flex:all-w8a8", "fraction"] == pytest.approx(4.0 / 5.1)
-    mem = report.memory(constructed_results()).set_index("label")
+    mem = goals.memory(constructed_results()).set_index("label")
     assert mem.loc["flex", "ratio_to_bf16"] == pytest.approx(12.5 / 15.0)
 
 
 def test_headline_markdown_ratios_and_verdicts():
-    text = report.headline_markdown(constructed_results())
+    text = goals.headline_markdown(constructed_results())
     # batch 1: TTFT 1.02/1.0 and 1.02/1.5 (machete prefills faster than marlin), TPOT 4.2/5.0 and 4.2/4.0
     assert "| batch 1 | 1.02× | 0.68× (machete) | 0.84× | 1.05× (marlin) |" in text
     assert "| 4 req/s | 1.02× | 0.51× (machete) | 0.84× | 1.05× (marlin) |" in text
@@ -490,7 +490,7 @@ def test_write_report_is_one_self_describing_html(tmp_path):
     parsed = Tables()
     parsed.feed(page)
     header, *rows = parsed.tables["goals"]
-    assert header[:3] == ["goal", "name", "metric"] and len(rows) == len(report.goals(results))
+    assert header[:3] == ["goal", "name", "metric"] and len(rows) == len(goals.goals(results))
     memory_row = next(r for r in rows if r[0] == "5")
     assert memory_row[header.index("ratio")] == "0.8333" and memory_row[header.index("met")] == "NO"
     verdicts = {r[1]: r[2] for r in parsed.tables["goal-verdicts"][1:]}
@@ -509,7 +509,7 @@ def test_bench_report_script_writes_html_and_markdown(tmp_path):
     results.write_text(json.dumps(constructed_results()))
     assert main([str(results), "--html", str(tmp_path / "r.html"), "--markdown", str(tmp_path / "r.md")]) == 0
     assert "fig-sweep-tpot" in (tmp_path / "r.html").read_text()
-    assert (tmp_path / "r.md").read_text() == report.headline_markdown(constructed_results())
+    assert (tmp_path / "r.md").read_text() == goals.headline_markdown(constructed_results())
     (tmp_path / "bad.json").write_text("[]")
     assert main([str(tmp_path / "bad.json"), "--html", str(tmp_path / "b.html")]) == 2
     assert not (tmp_path / "b.html").exists()

@@ -214,3 +214,24 @@ def test_weight_bytes_per_step_and_bf16_size_from_the_checkpoint_headers(tmp_pat
     assert roofline_fraction(3_350_000_000, 1.0) == pytest.approx(1.0)  # 3.35 GB in 1 ms at 3.35 TB/s
     assert hbm_tb_s({"gpu": "NVIDIA H200"}) == 4.8 and hbm_tb_s({"gpu": "NVIDIA H100 80GB HBM3"}) == 3.35
     assert hbm_tb_s({"gpu": "NVIDIA H100 PCIe"}) == 2.0 and hbm_tb_s({"gpu": "RTX", "hbm_tb_s": 1.0}) == 1.0
+
+
+def test_client_runs_inside_a_thread_that_already_has_an_event_loop():
+    """The UI (Gradio callbacks) and Playwright's sync API keep a loop running in their thread;
+    `asyncio.run` refuses there, so the bench client and the load generator go through `run_sync`."""
+    import asyncio
+
+    from workbench.bench.client import run_sync
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def from_a_running_loop() -> int:
+        return run_sync(answer)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # a thread of its own, where a loop surely runs
+        assert pool.submit(lambda: asyncio.run(from_a_running_loop())).result() == 42
+    assert run_sync(answer) == 42  # this thread: a loop runs here after the browser tests, or not

@@ -175,6 +175,7 @@ def bench(
 def _import(ctx: typer.Context, path: Path) -> None:
     """`--import FILE`: check the file, store it as a bench `Run`, print its headline table and run id."""
     report = import_backend("workbench.bench.report", "bench --import")
+    goals = import_backend("workbench.bench.goals", "bench --import")
     store = import_backend("workbench.bench.store", "bench --import")
     path = path.expanduser()
     try:
@@ -183,7 +184,7 @@ def _import(ctx: typer.Context, path: Path) -> None:
         fail(str(exc))
     run_id = store.import_results(state(ctx).engine(), results, str(path.resolve()))
     try:
-        console.print(report.headline_markdown(results))
+        console.print(goals.headline_markdown(results))
     except ValueError as exc:  # e.g. several FlexQuant policies and no auto-tuned one: still stored
         console.print(f"[yellow]no headline table: {escape(str(exc))}[/yellow]")
     console.print(
@@ -196,10 +197,10 @@ def _finish(results: dict, results_path: Path, out: Path) -> None:
     for error in results["errors"]:
         console.print(f"[red]error:[/red] {escape(error)}")
     try:
-        report = import_backend("workbench.bench.report", "bench")
+        goals = import_backend("workbench.bench.goals", "bench")
         report_html = import_backend("workbench.bench.report_html", "bench")
         report_html.write_report(results, out / "report.html")
-        console.print(report.headline_markdown(results))
+        console.print(goals.headline_markdown(results))
         console.print(f"report: {escape(str(out / 'report.html'))}")
     except ImportError as exc:  # plotly/pandas absent in a bare serving env: the JSON is the result
         console.print(

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import httpx
 import pandas as pd
 
+from workbench.bench.client import run_sync
 from workbench.chat_client import ChatError, astream_chat, chat_body, list_models, put_policy
 from workbench.policy import Policy
 
@@ -213,7 +214,7 @@ def run_load(base_url: str, spec: LoadSpec, *, stop: threading.Event | None = No
     an error, so the call never takes much longer than `duration_s`."""
     check_loopback(base_url)
     model = spec.model or list_models(base_url)[0]
-    report = asyncio.run(_run(base_url.rstrip("/"), spec, model, stop))
+    report = run_sync(lambda: _run(base_url.rstrip("/"), spec, model, stop))
     log.info("load run at %.2f req/s: %s", spec.rate, report.summary())
     return report
 

@@ -17,13 +17,17 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 
-__all__ = ["PromptSource", "StreamedRequest", "burst", "percentiles", "poisson", "summarize"]
+__all__ = ["PromptSource", "StreamedRequest", "burst", "percentiles", "poisson", "run_sync", "summarize"]
 
 REQUEST_TIMEOUT_S = 600.0
+T = TypeVar("T")
 
 
 class PromptSource:
@@ -38,6 +42,17 @@ class PromptSource:
     def next(self) -> list[int]:
         # Stay clear of the lowest ids, where tokenizers keep their special tokens.
         return [self._rng.randrange(10, self.vocab_size - 1) for _ in range(self.prompt_len)]
+
+
+def run_sync(make_coroutine: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to the end from synchronous code, also where this thread already runs an
+    event loop (a UI callback, Playwright's sync API): then in a fresh thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coroutine())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coroutine())).result()
 
 
 def _body(model: str, prompt: list[int], max_tokens: int, stream: bool) -> dict:
@@ -81,7 +96,7 @@ def burst(url: str, model: str, prompts: PromptSource, batch: int, max_tokens: i
             )
         return wall
 
-    return asyncio.run(run())
+    return run_sync(run)
 
 
 @dataclass
@@ -167,7 +182,7 @@ def poisson(
             await asyncio.gather(*tasks)
             return requests, time.perf_counter() - t0
 
-    return asyncio.run(run())
+    return run_sync(run)
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.bench.report import default_flex_label, frames, goal_verdicts, goals, memory, roofline
+from workbench.bench.goals import goal_verdicts, goals, memory, roofline
+from workbench.bench.report import default_flex_label, frames
 
 __all__ = ["render_report", "write_report", "write_text_atomic"]
 

@@ -17,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from workbench import plots, views, views_bench
-from workbench.bench import figures, report
+from workbench.bench import figures, goals, report
 from workbench.chat_client import ChatStats, stream_chat
 from workbench.loadgen import LoadSpec, compare_policies
 from workbench.policy import Policy
@@ -276,8 +276,8 @@ def _build_bench_results(ctx: UIContext) -> gr.Dropdown:
         try:
             results = views_bench.bench_results(ctx.engine, int(run_id))
             frames = report.frames(results)
-            headline_text = report.headline_markdown(results)
-            goal_rows = report.goals(results).reindex(columns=GOAL_TABLE_COLUMNS).round(3)
+            headline_text = goals.headline_markdown(results)
+            goal_rows = goals.goals(results).reindex(columns=GOAL_TABLE_COLUMNS).round(3)
         except Exception as exc:
             raise user_error(exc) from None
         figs = [build(frames[section], metric) for section, metric, build in BENCH_FIGURES]
