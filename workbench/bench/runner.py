@@ -91,33 +91,37 @@ def total_units(spec: BenchSpec, targets: list[Target]) -> int:
     return sum(1 + per_policy * len(t.measurement_labels()) for t in targets)
 
 
-def _variant_share(handle: ServerHandle, t0: float, t1: float) -> dict[str, float]:
-    """Share of engine steps per variant between two wall-clock times (FlexQuant telemetry)."""
-    counts: dict[str, int] = {}
+def _recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
+    """(time, variant) of every engine step the server recorded: the vLLM plugin's JSONL telemetry,
+    or the CPU runtime's StepRecord rows. Read once per engine, after it stopped."""
     if handle.runtime == "vllm":
         path = handle.steps_file
         if path is None or not path.exists():
-            return {}
+            return []  # a stock engine: no FlexQuant telemetry
+        steps = []
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-            except ValueError:
+                steps.append((float(rec["ts"]), str(rec["variant"])))
+            except (ValueError, KeyError, TypeError):
                 continue
-            if t0 <= rec.get("ts", 0) <= t1:
-                counts[rec["variant"]] = counts.get(rec["variant"], 0) + 1
-    else:
-        from sqlmodel import Session, col, select
+        return steps
+    from sqlmodel import Session, select
 
-        from storage.models import StepRecord
+    from storage.models import StepRecord
 
-        with Session(handle.engine) as s:
-            rows = s.exec(
-                select(StepRecord.variant).where(
-                    StepRecord.run_id == handle.run_id, col(StepRecord.ts) >= t0, col(StepRecord.ts) <= t1
-                )
-            )
-            for variant in rows:
-                counts[variant] = counts.get(variant, 0) + 1
+    with Session(handle.engine) as s:
+        return list(
+            s.exec(select(StepRecord.ts, StepRecord.variant).where(StepRecord.run_id == handle.run_id))
+        )
+
+
+def _variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[str, float]:
+    """Share of engine steps per variant between two wall-clock times."""
+    counts: dict[str, int] = {}
+    for ts, variant in steps:
+        if t0 <= ts <= t1:
+            counts[variant] = counts.get(variant, 0) + 1
     total = sum(counts.values())
     return {v: round(n / total, 4) for v, n in sorted(counts.items())} if total else {}
 
@@ -214,25 +218,21 @@ def _measure_target(
             prompts = client.PromptSource(vocab, spec.prompt_len, seed=spec.seed)
             client.burst(handle.base_url, "bench", prompts, 1, 2)  # warm-up: first-request costs stay out
             base = {"label": label, "target": target.label, "policy": policy.name if policy else None}
-            for batch in spec.batches:
-                progress(f"{label}: batch {batch}", done[0])
+            measurements = [("sweep", f"batch {b}", _sweep_row, b) for b in spec.batches]
+            measurements += [("online", f"{r:g} req/s", _online_row, r) for r in spec.rates]
+            for section, what, measure, at in measurements:
+                progress(f"{label}: {what}", done[0])
                 t0 = time.time()
-                results["sweep"].append({**base, **_sweep_row(handle, spec, prompts, batch)})
-                windows.append((results["sweep"][-1], t0, time.time()))
-                done[0] += 1
-                save()
-            for rate in spec.rates:
-                progress(f"{label}: {rate:g} req/s", done[0])
-                t0 = time.time()
-                results["online"].append({**base, **_online_row(handle, spec, prompts, rate)})
-                windows.append((results["online"][-1], t0, time.time()))
+                results[section].append({**base, **measure(handle, spec, prompts, at)})
+                windows.append((results[section][-1], t0, time.time()))
                 done[0] += 1
                 save()
     finally:
         handle.stop()
         # After the stop every step is on record (the CPU runtime writes the DB in batches).
+        steps = _recorded_steps(handle) if windows else []
         for row, t0, t1 in windows:
-            row["variant_share"] = _variant_share(handle, t0, t1)
+            row["variant_share"] = _variant_share(steps, t0, t1)
         save()
 
 
