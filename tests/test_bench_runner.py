@@ -8,6 +8,8 @@ started (tests/test_vllm_launch.py covers the command); the timings here only ha
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
@@ -15,9 +17,10 @@ from test_serve import PD, free_port
 
 from storage.db import open_db
 from storage.models import PolicyRecord, Run
-from workbench.bench.engines import BenchSpec, Target, baseline_target
-from workbench.bench.runner import SCHEMA, run_bench, total_units
-from workbench.policy import fixed_policy
+from workbench.bench import report
+from workbench.bench.engines import BenchSpec, Target, baseline_target, engine_config, hinted_kernel
+from workbench.bench.runner import SCHEMA, _autotune, run_bench, total_units
+from workbench.policy import fixed_policy, parse_policy
 from workbench.settings import Settings
 
 
@@ -235,3 +238,38 @@ def test_client_runs_inside_a_thread_that_already_has_an_event_loop():
     with ThreadPoolExecutor(max_workers=1) as pool:  # a thread of its own, where a loop surely runs
         assert pool.submit(lambda: asyncio.run(from_a_running_loop())).result() == 42
     assert run_sync(answer) == 42  # this thread: a loop runs here after the browser tests, or not
+
+
+def test_policies_name_the_int4_kernel_the_flex_engine_loads(tiny_ckpt):
+    """A policy file's `kernel: marlin` hint reaches the engine (vLLM would pick Machete on Hopper)."""
+    marlin = parse_policy(
+        "name: m\nprefill: w8a8\ndecode:\n"
+        "- {max_batch: 32, variant: w4a16, kernel: marlin}\n- {variant: w8a8}\n"
+    )
+    machete = parse_policy("name: k\nprefill: w8a8\ndecode:\n- {variant: w4a16, kernel: machete}\n")
+    plain = fixed_policy("w8a8")
+    assert hinted_kernel([plain]) is None
+    assert hinted_kernel([plain, marlin]) == "marlin"
+    with pytest.raises(ValueError, match=r"int4 kernels \['machete', 'marlin'\]"):
+        hinted_kernel([marlin, machete])
+    target = Target(
+        label="flex",
+        kind="flex",
+        checkpoint=tiny_ckpt,
+        policies=[plain, marlin],
+        kernel=hinted_kernel([plain, marlin]),
+    )
+    assert engine_config(target, BenchSpec(), plain, 8100).kernels == {"w4a16": "marlin"}
+    assert engine_config(replace(target, kernel=None), BenchSpec(), plain, 8100).kernels is None
+
+
+def test_auto_policy_is_tuned_within_the_kernel_the_given_policies_fixed(tiny_ckpt, tmp_path):
+    """On the H100 sample the tuner prefers Marlin; an engine fixed to Machete gets a Machete policy."""
+    sample = report.load_results(Path(__file__).parent / "data" / "bench-sample.json")
+    db = open_db(tmp_path / "t.db")
+    free = _autotune(json.loads(json.dumps(sample)), Target("flex", "flex", tiny_ckpt, auto_policy=True), db)
+    fixed = _autotune(sample, Target("flex", "flex", tiny_ckpt, kernel="machete", auto_policy=True), db)
+    assert free.kernel == "marlin" and fixed.kernel == "machete"
+    assert sample["autotune"]["kernel"] == "machete"
+    assert {r.kernel for r in fixed.policies[0].decode if r.variant == "w4a16"} <= {"machete"}
+    db.dispose()

@@ -136,6 +136,7 @@ def bench(
                     kind="flex",
                     checkpoint=checkpoint.expanduser(),
                     policies=policies,
+                    kernel=engines.hinted_kernel(policies),
                     auto_policy=auto_policy,
                 )
             )

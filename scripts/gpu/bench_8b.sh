@@ -6,6 +6,10 @@
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/bench_8b.sh   # repeat until complete
 # 2026-11-26 run: FULL=0 (W8A8 + W4A16-Marlin baselines, batches to 128, one call).
 # FULL=1 adds BF16 and W4A16-Machete, batch 256 and 3 repeats of the large batches (about 3 calls).
+# SAME_ENGINE=1: stock W8A8 and W4A16-Marlin, then FlexQuant under the tuned policy and the fixed
+# policies in scripts/gpu/policies/ (every step W8A8 / W4A16) on ONE engine, so the policy's gain is
+# measured without engine-to-engine differences; batches to 256, 3 repeats (2 calls: START_WITHIN=330
+# keeps the FlexQuant engine for the second).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SHAPES=${SHAPES:-llama3-8b}
@@ -18,6 +22,9 @@ export VLLM_USE_FLASHINFER_SAMPLER=0
 if [ "${FULL:-0}" = 1 ]; then
   LAYOUTS=bf16,w8a8,w4a16,merged; BATCHES=${BATCHES:-1,4,16,64,128,256}; REPEATS=${REPEATS:-3}
   EXTRA=(--baseline bf16="$WORK/$SHAPES-bf16" --baseline w4a16-machete="$WORK/$SHAPES-w4a16")
+elif [ "${SAME_ENGINE:-0}" = 1 ]; then
+  LAYOUTS=w8a8,w4a16,merged; BATCHES=${BATCHES:-1,4,16,64,128,256}; REPEATS=${REPEATS:-3}
+  EXTRA=(--policy scripts/gpu/policies/w8a8-only.yaml --policy scripts/gpu/policies/w4a16-only.yaml)
 else
   LAYOUTS=w8a8,w4a16,merged; BATCHES=${BATCHES:-1,4,16,64,128}; REPEATS=${REPEATS:-1}; EXTRA=()
 fi

@@ -18,7 +18,15 @@ from workbench import ckpt_format as fmt
 from workbench.policy import Policy, fixed_policy
 from workbench.runtime.serve import ServeConfig
 
-__all__ = ["BASELINE_NAMES", "BenchSpec", "Target", "baseline_target", "engine_config", "weight_memory_gib"]
+__all__ = [
+    "BASELINE_NAMES",
+    "BenchSpec",
+    "Target",
+    "baseline_target",
+    "engine_config",
+    "hinted_kernel",
+    "weight_memory_gib",
+]
 
 # stock baseline name -> (variant, int4 kernel); the kernel is forced by disabling the other one.
 BASELINE_NAMES = {
@@ -158,6 +166,18 @@ def weight_memory_gib(log_text: str) -> float | None:
     """GPU memory vLLM reports for the loaded weights ("Model loading took X GiB"), None if absent."""
     found = _LOADED.findall(log_text or "")
     return float(found[-1]) if found else None
+
+
+def hinted_kernel(policies: list[Policy]) -> str | None:
+    """The one int4 kernel the policies' decode rules name (None if none); an engine loads only one
+    (the repacked int4 weights differ per kernel), so two different hints are a ValueError."""
+    named = {rule.kernel for p in policies for rule in p.decode if rule.kernel}
+    if len(named) > 1:
+        raise ValueError(
+            f"the policies name int4 kernels {sorted(named)}, but one engine loads one; give policies "
+            "that agree (or none: the tuned policy's kernel is used)"
+        )
+    return named.pop() if named else None
 
 
 def with_policies(target: Target, policies: list[Policy], kernel: str | None) -> Target:

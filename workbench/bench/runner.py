@@ -252,7 +252,10 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
             "the auto policy is tuned from the baselines' sweep, and no baseline was measured; "
             "add --baseline w8a8=DIR and --baseline w4a16-marlin=DIR (or pinned variants)"
         )
-    tuned = tune_policy(baselines, name="auto")
+    if target.kernel:  # the given policies fixed the engine's int4 kernel: tune within it
+        baselines = [r for r in baselines if r["kernel"] in (None, target.kernel)]
+    kernels = (target.kernel,) if target.kernel else ("marlin", "machete")
+    tuned = tune_policy(baselines, name="auto", int4_kernels=kernels)
     record = save_tuned_policy(db, tuned)
     results["autotune"] = {
         "policy_name": tuned.policy.name,
