@@ -360,6 +360,25 @@ def test_goals_known_answers():
         goals.goals(constructed_results(), "flex:nope")
 
 
+def test_per_request_tpot_goal_is_judged_only_where_it_was_measured():
+    """Results since 2026-11-26 carry `tpot_req_p50_ms` (streamed closed batches); older ones do not."""
+    assert "tpot_req_p50_ms" not in set(goals.goals(constructed_results())["metric"])
+    results = constructed_results()
+    per_request = {"w8a8": 5.0, "w4a16-marlin": 4.0, "w4a16-machete": 4.4, "bf16": 1.0, "flex:auto": 4.1}
+    for row in results["sweep"]:
+        row["tpot_req_p50_ms"] = per_request.get(row["label"], 9.9) * (1 if row["batch"] == 1 else 2)
+    rows = goals.goals(report.check_results(results))
+    got = {
+        r.where: (r.reference_label, round(r.ratio, 4), r.met)
+        for r in rows.itertuples()
+        if r.metric == "tpot_req_p50_ms"
+    }
+    assert got == {"batch 1": ("w4a16-marlin", 1.025, True), "batch 8": ("w4a16-marlin", 1.025, True)}
+    verdicts = goals.goal_verdicts(rows).set_index("name")
+    assert verdicts.loc["TPOT <= 1.03x best single variant (per request)", "verdict"] == "met"
+    assert verdicts.loc["TPOT <= 1.03x best single variant", "verdict"] == "NOT met"
+
+
 def test_default_flex_label_needs_a_choice_among_several():
     results = constructed_results()
     results["autotune"] = None

@@ -87,6 +87,9 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
         assert 0 < row["prefill_s"] < row["decode_s"] and row["tpot_ms"] > 0, row
         assert len(row["prefill_s_samples"]) == len(row["decode_s_samples"]) == row["repeats"] == 3
         assert row["prefill_s"] == sorted(row["prefill_s_samples"])[1]  # the median of the samples
+        # streamed closed batch: each request's own first token and decode rate
+        assert 0 < row["ttft_p50_ms"] < row["decode_s"] * 1000 and row["tpot_req_p50_ms"] > 0, row
+        assert row["tpot_req_p50_ms"] == sorted(row["tpot_req_p50_samples"])[1]
     assert [r["label"] for r in results["online"]] == labels
     for row in results["online"]:
         assert row["completed"] == row["requests"] > 0 and row["errors"] == 0, row

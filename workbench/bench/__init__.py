@@ -1,6 +1,6 @@
 """`flexquant bench`: FlexQuant vs stock single-variant vLLM, side by side in one run (issue #5).
 
-The measuring half (`engines`, `client`, `runner`, `weights`) starts engines, drives their OpenAI
+The measuring half (`engines`, `client`, `measure`, `runner`, `weights`) starts engines, drives their OpenAI
 endpoint and writes one results JSON per run (schema "flexquant-bench/1", see `report.load_results`);
 `store` keeps such a file in the DB. The analysis half is pure and runs anywhere: `autotune` turns
 the stock batch sweep into a named policy plus the one int4 kernel to load; `report` checks a

@@ -7,6 +7,8 @@ cache can never make a prefill look free. `ignore_eos` makes every request produ
 
 - `burst(...)`: B requests submitted at once, not streamed; the wall time until the last one
   returns (what `LLM.generate` on a batch measures; ../shared/docs/H100-BASELINE.md's method).
+- `burst_streamed(...)`: the same batch streamed, so each request's own TTFT and TPOT are known too
+  (at large batch, with chunked prefill, the wall-time difference method mostly measures prefill).
 - `poisson(...)`: streamed requests arriving at `rate` req/s for `duration_s`; client-side TTFT,
   TPOT, inter-token latencies and throughput.
 """
@@ -24,7 +26,16 @@ from typing import TypeVar
 
 import httpx
 
-__all__ = ["PromptSource", "StreamedRequest", "burst", "percentiles", "poisson", "run_sync", "summarize"]
+__all__ = [
+    "PromptSource",
+    "StreamedRequest",
+    "burst",
+    "burst_streamed",
+    "percentiles",
+    "poisson",
+    "run_sync",
+    "summarize",
+]
 
 REQUEST_TIMEOUT_S = 600.0
 T = TypeVar("T")
@@ -86,17 +97,44 @@ def burst(url: str, model: str, prompts: PromptSource, batch: int, max_tokens: i
             t0 = time.perf_counter()
             replies = await asyncio.gather(*(_post(client, url, b) for b in bodies))
             wall = time.perf_counter() - t0
-        short = [
-            r["usage"]["completion_tokens"] for r in replies if r["usage"]["completion_tokens"] != max_tokens
-        ]
-        if short:
-            raise RuntimeError(
-                f"the server stopped {len(short)} of {batch} requests early ({short[:3]} tokens "
-                f"instead of {max_tokens}); it must honour ignore_eos"
-            )
+        _check_lengths([r["usage"]["completion_tokens"] for r in replies], max_tokens)
         return wall
 
     return run_sync(run)
+
+
+def burst_streamed(
+    url: str, model: str, prompts: PromptSource, batch: int, max_tokens: int
+) -> tuple[float, list[StreamedRequest]]:
+    """`burst`, streamed: the wall seconds and each request's timeline; RuntimeError on a failed or
+    short request (a closed batch is only comparable when every request did the same work)."""
+
+    async def run() -> tuple[float, list[StreamedRequest]]:
+        bodies = [_body(model, prompts.next(), max_tokens, stream=True) for _ in range(batch)]
+        limits = httpx.Limits(max_connections=batch + 4, max_keepalive_connections=batch + 4)
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+            t0 = time.perf_counter()
+            requests = [StreamedRequest(sent_at=t0) for _ in bodies]
+            await asyncio.gather(
+                *(_stream_one(client, url, b, r) for b, r in zip(bodies, requests, strict=True))
+            )
+            wall = time.perf_counter() - t0
+        failed = [r.error for r in requests if r.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {batch} streamed requests failed, e.g. {failed[0]}")
+        _check_lengths([r.output_tokens for r in requests], max_tokens)
+        return wall, requests
+
+    return run_sync(run)
+
+
+def _check_lengths(lengths: list[int], max_tokens: int) -> None:
+    short = [n for n in lengths if n != max_tokens]
+    if short:
+        raise RuntimeError(
+            f"the server stopped {len(short)} of {len(lengths)} requests early ({short[:3]} tokens "
+            f"instead of {max_tokens}); it must honour ignore_eos"
+        )
 
 
 @dataclass

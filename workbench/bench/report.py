@@ -25,11 +25,13 @@ STATUSES = ("complete", "interrupted", "failed")
 TARGET_TEXT = "label kind variant kernel checkpoint error".split()
 TARGET_NUMBERS = "weight_memory_gib weight_bytes_b1 engine_start_s".split()
 ROW_TEXT = "label target kind policy".split()
-SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms".split()
+SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms tpot_req_p50_ms".split()
 ONLINE_NUMBERS = (
     "rate requests completed errors duration_s output_throughput_tok_s request_throughput".split()
 )
 LATENCIES, STATS = ("ttft", "tpot", "itl"), ("mean", "p50", "p90", "p99")
+
+
 class ResultsError(ValueError):
     """Not a flexquant-bench/1 result; the message names the source and each problem."""
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -25,11 +24,11 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from workbench import ckpt_format as fmt
-from workbench.bench import client
+from workbench.bench import client, measure
 from workbench.bench.engines import BenchSpec, Target, engine_config, weight_memory_gib, with_policies
 from workbench.bench.weights import H100_HBM_TB_S, bf16_bytes, decode_bytes_per_step, hbm_tb_s
 from workbench.policy import Policy, StepInfo, decide
-from workbench.runtime.serve import ServerHandle, start_server
+from workbench.runtime.serve import start_server
 from workbench.runtime.telemetry import create_run, end_run
 from workbench.settings import Settings
 
@@ -91,76 +90,6 @@ def total_units(spec: BenchSpec, targets: list[Target]) -> int:
     return sum(1 + per_policy * len(t.measurement_labels()) for t in targets)
 
 
-def _recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
-    """(time, variant) of every engine step the server recorded: the vLLM plugin's JSONL telemetry,
-    or the CPU runtime's StepRecord rows. Read once per engine, after it stopped."""
-    if handle.runtime == "vllm":
-        path = handle.steps_file
-        if path is None or not path.exists():
-            return []  # a stock engine: no FlexQuant telemetry
-        steps = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                steps.append((float(rec["ts"]), str(rec["variant"])))
-            except (ValueError, KeyError, TypeError):
-                continue
-        return steps
-    from sqlmodel import Session, select
-
-    from storage.models import StepRecord
-
-    with Session(handle.engine) as s:
-        return list(
-            s.exec(select(StepRecord.ts, StepRecord.variant).where(StepRecord.run_id == handle.run_id))
-        )
-
-
-def _variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[str, float]:
-    """Share of engine steps per variant between two wall-clock times."""
-    counts: dict[str, int] = {}
-    for ts, variant in steps:
-        if t0 <= ts <= t1:
-            counts[variant] = counts.get(variant, 0) + 1
-    total = sum(counts.values())
-    return {v: round(n / total, 4) for v, n in sorted(counts.items())} if total else {}
-
-
-def _sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
-    repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
-    # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
-    prefills, fulls = [], []
-    for _ in range(repeats):
-        prefills.append(client.burst(handle.base_url, "bench", prompts, batch, 1))
-        fulls.append(client.burst(handle.base_url, "bench", prompts, batch, spec.output_len))
-    prefill, full = statistics.median(prefills), statistics.median(fulls)
-    return {
-        "batch": batch,
-        "prefill_s": prefill,
-        "decode_s": full,
-        "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000,
-        "ttft_p50_ms": None,
-        "repeats": repeats,
-        # every sample, so a report can show the spread behind each median
-        "prefill_s_samples": prefills,
-        "decode_s_samples": fulls,
-        "variant_share": {},
-    }
-
-
-def _online_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, rate: float) -> dict:
-    requests, wall = client.poisson(
-        handle.base_url,
-        "bench",
-        prompts,
-        rate=rate,
-        duration_s=spec.online_duration_s,
-        max_tokens=spec.online_output_len,
-        seed=spec.seed,
-    )
-    return {"rate": rate, **client.summarize(requests, wall), "variant_share": {}}
-
-
 def _target_entry(target: Target, spec: BenchSpec) -> dict:
     entry = {
         "label": target.label,
@@ -218,21 +147,21 @@ def _measure_target(
             prompts = client.PromptSource(vocab, spec.prompt_len, seed=spec.seed)
             client.burst(handle.base_url, "bench", prompts, 1, 2)  # warm-up: first-request costs stay out
             base = {"label": label, "target": target.label, "policy": policy.name if policy else None}
-            measurements = [("sweep", f"batch {b}", _sweep_row, b) for b in spec.batches]
-            measurements += [("online", f"{r:g} req/s", _online_row, r) for r in spec.rates]
-            for section, what, measure, at in measurements:
+            measurements = [("sweep", f"batch {b}", measure.sweep_row, b) for b in spec.batches]
+            measurements += [("online", f"{r:g} req/s", measure.online_row, r) for r in spec.rates]
+            for section, what, take, at in measurements:
                 progress(f"{label}: {what}", done[0])
                 t0 = time.time()
-                results[section].append({**base, **measure(handle, spec, prompts, at)})
+                results[section].append({**base, **take(handle, spec, prompts, at)})
                 windows.append((results[section][-1], t0, time.time()))
                 done[0] += 1
                 save()
     finally:
         handle.stop()
         # After the stop every step is on record (the CPU runtime writes the DB in batches).
-        steps = _recorded_steps(handle) if windows else []
+        steps = measure.recorded_steps(handle) if windows else []
         for row, t0, t1 in windows:
-            row["variant_share"] = _variant_share(steps, t0, t1)
+            row["variant_share"] = measure.variant_share(steps, t0, t1)
         save()
 
 

@@ -1,0 +1,100 @@
+"""One measurement of a running engine: a closed-batch sweep point, an online load, and which
+variant computed each engine step (the FlexQuant plugin's telemetry, or the CPU runtime's DB rows).
+
+Rows follow the results schema in docs/benchmarks/README.md; `runner` decides when to take them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from workbench.bench import client
+from workbench.bench.engines import BenchSpec
+from workbench.runtime.serve import ServerHandle
+
+__all__ = ["median_or_none", "online_row", "recorded_steps", "sweep_row", "variant_share"]
+
+
+def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
+    """(time, variant) of every engine step the server recorded: the vLLM plugin's JSONL telemetry,
+    or the CPU runtime's StepRecord rows. Read once per engine, after it stopped."""
+    if handle.runtime == "vllm":
+        path = handle.steps_file
+        if path is None or not path.exists():
+            return []  # a stock engine: no FlexQuant telemetry
+        steps = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                steps.append((float(rec["ts"]), str(rec["variant"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return steps
+    from sqlmodel import Session, select
+
+    from storage.models import StepRecord
+
+    with Session(handle.engine) as s:
+        return list(
+            s.exec(select(StepRecord.ts, StepRecord.variant).where(StepRecord.run_id == handle.run_id))
+        )
+
+
+def variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[str, float]:
+    """Share of engine steps per variant between two wall-clock times."""
+    counts: dict[str, int] = {}
+    for ts, variant in steps:
+        if t0 <= ts <= t1:
+            counts[variant] = counts.get(variant, 0) + 1
+    total = sum(counts.values())
+    return {v: round(n / total, 4) for v, n in sorted(counts.items())} if total else {}
+
+
+def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
+    repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
+    # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
+    prefills, fulls, ttfts, tpots = [], [], [], []
+    for _ in range(repeats):
+        prefills.append(client.burst(handle.base_url, "bench", prompts, batch, 1))
+        wall, requests = client.burst_streamed(handle.base_url, "bench", prompts, batch, spec.output_len)
+        fulls.append(wall)
+        ttfts.append(median_or_none([r.ttft_ms for r in requests]))
+        tpots.append(median_or_none([r.tpot_ms for r in requests]))
+    prefill, full = statistics.median(prefills), statistics.median(fulls)
+    return {
+        "batch": batch,
+        "prefill_s": prefill,
+        "decode_s": full,
+        # H100-BASELINE.md's method: decode time per token of the batch, from two wall times
+        "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000,
+        # per request, as `vllm bench` reports TPOT: (last token - first token) / (tokens - 1); at
+        # large batch with chunked prefill this one still measures decode, the wall method less so
+        "ttft_p50_ms": median_or_none(ttfts),
+        "tpot_req_p50_ms": median_or_none(tpots),
+        "repeats": repeats,
+        # every sample, so a report can show the spread behind each median
+        "prefill_s_samples": prefills,
+        "decode_s_samples": fulls,
+        "tpot_req_p50_samples": tpots,
+        "variant_share": {},
+    }
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the known values (a request whose tokens all decode to "" has no streamed timing)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def online_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, rate: float) -> dict:
+    requests, wall = client.poisson(
+        handle.base_url,
+        "bench",
+        prompts,
+        rate=rate,
+        duration_s=spec.online_duration_s,
+        max_tokens=spec.online_output_len,
+        seed=spec.seed,
+    )
+    return {"rate": rate, **client.summarize(requests, wall), "variant_share": {}}
