@@ -4,7 +4,8 @@
 # (policy tuned from the baselines) side by side; a call that runs out of time stops between engines
 # and the next call resumes (same machine: /tmp keeps the checkpoints and the results).
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/bench_8b.sh   # repeat until complete
-# 2026-11-26 run: FULL=0 (W8A8 + W4A16-Marlin baselines, batches to 128, one call).
+# Runs (docs/benchmarks/README.md): H200 FULL=0 (W8A8 + W4A16-Marlin, batches to 128, one call); H100 FULL=1
+# (two calls), SAME_ENGINE=1 (two calls), and SHAPES=qwen2-7b BATCHES=1,16,64 RATES=8 DURATION=6 (one call).
 # FULL=1 adds BF16 and W4A16-Machete, batch 256 and 3 repeats of the large batches (about 3 calls).
 # SAME_ENGINE=1: stock W8A8 and W4A16-Marlin, then FlexQuant under the tuned policy and the fixed
 # policies in scripts/gpu/policies/ (every step W8A8 / W4A16) on ONE engine, so the policy's gain is
