@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from workbench import plots
+from workbench import plots, plots_compare
 from workbench.policy import DecodeRule, LayerRule, Policy, fixed_policy
 
 
@@ -107,7 +107,7 @@ def test_accuracy_figure_bars():
             "token_agreement": [1.0, 0.93, 0.81],
         }
     )
-    fig = plots.accuracy_figure(evals)
+    fig = plots_compare.accuracy_figure(evals)
     ppl, agree = fig.data
     assert list(ppl.x) == ["bf16", "w8a8", "w4a16"]
     assert list(ppl.y) == [38.6, 39.0, 49.1]
@@ -157,13 +157,13 @@ def make_bench() -> pd.DataFrame:
 
 
 def test_pick_winner_lowest_mean():
-    assert plots.pick_winner(make_bench()) == "b"
-    assert plots.pick_winner(make_bench(), "ttft_p50_ms") == "a"
-    assert plots.pick_winner(make_bench().iloc[0:0]) is None
+    assert plots_compare.pick_winner(make_bench()) == "b"
+    assert plots_compare.pick_winner(make_bench(), "ttft_p50_ms") == "a"
+    assert plots_compare.pick_winner(make_bench().iloc[0:0]) is None
 
 
 def test_compare_figure_highlights_winner():
-    fig = plots.compare_figure(make_bench())
+    fig = plots_compare.compare_figure(make_bench())
     assert len(fig.data) == 4
     winner = [t for t in fig.data if t.name == "b ★"]
     loser = [t for t in fig.data if t.name == "a"]

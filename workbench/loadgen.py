@@ -231,7 +231,7 @@ def compare_policies(
     """Run `spec` at every rate under every policy on one server (applying each policy live first).
 
     Returns one row per (policy, rate) with the `LoadReport.summary()` columns, ready for
-    `workbench.plots.compare_figure`. The same seed gives every policy the same prompts."""
+    `workbench.plots_compare.compare_figure`. The same seed gives every policy the same prompts."""
     if len(policies) < 2:
         raise ValueError("pick at least two policies to compare")
     if not rates:

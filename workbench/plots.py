@@ -1,8 +1,10 @@
 """Pure figure builders: one `DataFrame -> plotly Figure` function per chart the UI shows.
 
 No database, no Gradio: the frames come from `workbench.views` (or a benchmark), so every chart can
-be unit-tested by looking at its traces. Colours are fixed per variant so that W8A8 is the same
-blue on every tab (a legend you have to re-read per chart is a legend nobody reads).
+be unit-tested by looking at its traces. Here: the live run's charts and the policy picture;
+`plots_compare` holds the side-by-side ones (accuracy per target, policies vs load). Colours are
+fixed per variant so that W8A8 is the same blue on every tab (a legend you have to re-read per
+chart is a legend nobody reads).
 """
 
 from __future__ import annotations
@@ -22,10 +24,8 @@ __all__ = [
     "batch_composition_figure",
     "step_latency_figure",
     "rolling_latency_figure",
-    "accuracy_figure",
     "policy_figure",
-    "pick_winner",
-    "compare_figure",
+    "empty_figure",
 ]
 
 VARIANT_COLORS = {"w8a8": "#1f77b4", "w4a16": "#ff7f0e", "bf16": "#7f7f7f", "mixed": "#9467bd"}
@@ -44,7 +44,7 @@ def variant_color(name: str) -> str:
     return palette[sum(name.encode()) % len(palette)]
 
 
-def _empty(title: str, message: str = "no data yet") -> go.Figure:
+def empty_figure(title: str, message: str = "no data yet") -> go.Figure:
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
     fig.add_annotation(
         text=message,
@@ -91,7 +91,7 @@ def variant_timeline_figure(steps: pd.DataFrame) -> go.Figure:
     red line where the policy changed."""
     title = "Variant per engine step"
     if steps.empty:
-        return _empty(title)
+        return empty_figure(title)
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
     for variant in sorted(steps["variant"].unique()):
         for phase, symbol in PHASE_SYMBOLS.items():
@@ -122,7 +122,7 @@ def batch_composition_figure(steps: pd.DataFrame) -> go.Figure:
     milliseconds apart, so bars on a time axis of minutes would be invisible slivers."""
     title = "Batch composition per step"
     if steps.empty:
-        return _empty(title)
+        return empty_figure(title)
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -169,7 +169,7 @@ def step_latency_figure(steps: pd.DataFrame) -> go.Figure:
     """Duration of every engine step over time, one colour per variant."""
     title = "Step latency"
     if steps.empty:
-        return _empty(title)
+        return empty_figure(title)
     fig = go.Figure(layout=dict(title=title, **LAYOUT))
     for variant in sorted(steps["variant"].unique()):
         part = steps[steps["variant"] == variant]
@@ -196,7 +196,7 @@ def rolling_latency_figure(
     title = f"TTFT and TPOT (rolling median of {window} requests)"
     done = requests.dropna(subset=["ttft_ms"]) if not requests.empty else requests
     if done.empty:
-        return _empty(title, "no finished requests yet")
+        return empty_figure(title, "no finished requests yet")
     done = done.sort_values("t_s")
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=("TTFT (ms)", "TPOT (ms)")
@@ -228,50 +228,6 @@ def rolling_latency_figure(
     fig.update_layout(title=title, **{**LAYOUT, "height": 380})
     fig.update_xaxes(title="request finish time since run start (s)", row=2, col=1)
     _mark_policy_changes(fig, changes, row="all", col=1)
-    return fig
-
-
-def accuracy_figure(evals: pd.DataFrame) -> go.Figure:
-    """Perplexity (left) and token agreement with BF16 (right) per evaluated target."""
-    title = "Accuracy vs BF16"
-    if evals.empty:
-        return _empty(title, "no evaluation results for this checkpoint")
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=("perplexity (lower is better)", "token agreement with BF16 (higher is better)"),
-    )
-    colors = [variant_color(t) for t in evals["target"]]
-    fig.add_trace(
-        go.Bar(
-            x=evals["target"],
-            y=evals["perplexity"],
-            marker_color=colors,
-            name="perplexity",
-            text=evals["perplexity"].round(2),
-            textposition="outside",
-            cliponaxis=False,
-        ),
-        row=1,
-        col=1,
-    )
-    agreement = evals["token_agreement"].astype(float)
-    fig.add_trace(
-        go.Bar(
-            x=evals["target"],
-            y=agreement,
-            marker_color=colors,
-            name="token agreement",
-            text=agreement.map(lambda v: "" if pd.isna(v) else f"{v:.1%}"),
-            textposition="outside",
-            cliponaxis=False,
-        ),
-        row=1,
-        col=2,
-    )
-    fig.update_yaxes(range=[0, 1.1], tickformat=".0%", row=1, col=2)
-    fig.update_yaxes(rangemode="tozero", row=1, col=1)
-    fig.update_layout(title=title, showlegend=False, **{**LAYOUT, "margin": dict(l=50, r=20, t=80, b=40)})
     return fig
 
 
@@ -345,46 +301,4 @@ def policy_figure(
     fig.update_layout(
         title=f"Policy {policy.name}", barmode="overlay", **{**LAYOUT, "height": 260 if rows == 1 else 420}
     )
-    return fig
-
-
-def pick_winner(bench: pd.DataFrame, metric: str = "tpot_p50_ms") -> str | None:
-    """The policy with the lowest mean `metric` over all loads it ran at (None without data)."""
-    valid = bench.dropna(subset=[metric]) if not bench.empty else bench
-    if valid.empty:
-        return None
-    return str(valid.groupby("policy")[metric].mean().idxmin())
-
-
-def compare_figure(bench: pd.DataFrame, *, winner_metric: str = "tpot_p50_ms") -> go.Figure:
-    """TTFT (left) and TPOT (right) p50 vs offered load, one line per policy; the winner on
-    `winner_metric` is drawn thick and named in the title."""
-    title = "Policies side by side"
-    if bench.empty:
-        return _empty(title, "run a comparison to see results")
-    winner = pick_winner(bench, winner_metric)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT p50 (ms)", "TPOT p50 (ms)"))
-    for i, (policy, part) in enumerate(bench.sort_values("rate").groupby("policy", sort=True)):
-        is_winner = policy == winner
-        color = qualitative.Plotly[i % len(qualitative.Plotly)]
-        line = dict(color=color, width=5 if is_winner else 2, dash="solid" if is_winner else "dot")
-        label = f"{policy} ★" if is_winner else str(policy)
-        for col, metric in ((1, "ttft_p50_ms"), (2, "tpot_p50_ms")):
-            fig.add_trace(
-                go.Scatter(
-                    x=part["rate"],
-                    y=part[metric],
-                    mode="lines+markers",
-                    name=label,
-                    legendgroup=str(policy),
-                    showlegend=col == 1,
-                    line=line,
-                    marker=dict(size=11 if is_winner else 7),
-                ),
-                row=1,
-                col=col,
-            )
-    fig.update_xaxes(title="offered load (requests/s)")
-    fig.update_yaxes(rangemode="tozero")
-    fig.update_layout(title=f"{title} — winner on {winner_metric}: {winner}", **{**LAYOUT, "height": 360})
     return fig

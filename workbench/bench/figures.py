@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from workbench.plots import LAYOUT, _empty, variant_color
+from workbench.plots import LAYOUT, empty_figure, variant_color
 
 __all__ = ["METRIC_TITLES", "online_figure", "sweep_figure", "variant_share_figure"]
 
@@ -51,7 +51,7 @@ def _line(label: str, flex: bool) -> dict:
 def _lines_figure(df: pd.DataFrame, x: str, metric: str, title: str, x_title: str, log_x: bool) -> go.Figure:
     valid = df.dropna(subset=[metric]) if not df.empty and metric in df else df.iloc[0:0]
     if valid.empty:
-        return _empty(title, f"no {METRIC_TITLES.get(metric, metric)} measured")
+        return empty_figure(title, f"no {METRIC_TITLES.get(metric, metric)} measured")
     fig = go.Figure(layout=dict(title=title, **{**LAYOUT, "height": 360}))
     # Stock first, FlexQuant last: the thick flex lines are drawn on top.
     flex = _flex_labels(valid)
@@ -100,7 +100,7 @@ def variant_share_figure(df: pd.DataFrame) -> go.Figure:
     flex = df[df["label"].isin(_flex_labels(df))] if not df.empty else df
     flex = flex[flex["variant_share"].map(lambda share: isinstance(share, dict) and bool(share))]
     if flex.empty:
-        return _empty(title, "no FlexQuant step shares recorded")
+        return empty_figure(title, "no FlexQuant step shares recorded")
     flex = flex.sort_values(["label", load])
     labels = flex["label"].tolist()
     loads = [f"batch {v:g}" if load == "batch" else f"{v:g} req/s" for v in flex[load]]

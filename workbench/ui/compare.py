@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import gradio as gr
 import pandas as pd
 
-from workbench import plots, views, views_bench
+from workbench import plots_compare, views, views_bench
 from workbench.bench import figures, goals, report
 from workbench.chat_client import ChatStats, stream_chat
 from workbench.loadgen import LoadSpec, compare_policies
@@ -119,7 +119,9 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
         limit = gr.Number(120, minimum=1, maximum=3600, label="Time limit per run (s)")
     run_btn = gr.Button("Run comparison", variant="primary", elem_id="fq-cmp-run")
     verdict = gr.Markdown(elem_id="fq-cmp-verdict")
-    figure = gr.Plot(plots.compare_figure(pd.DataFrame()), label="TTFT / TPOT vs load", elem_id="fq-cmp-plot")
+    figure = gr.Plot(
+        plots_compare.compare_figure(pd.DataFrame()), label="TTFT / TPOT vs load", elem_id="fq-cmp-plot"
+    )
     table = gr.Dataframe(
         pd.DataFrame(columns=SUMMARY_COLUMNS), label="Per policy and load", interactive=False
     )
@@ -148,7 +150,7 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
                 )
         except Exception as exc:
             raise user_error(exc) from None
-        winner = plots.pick_winner(bench)
+        winner = plots_compare.pick_winner(bench)
         text = (
             (
                 f"**Winner on TPOT p50: {winner}** (lowest mean over the loads). "
@@ -160,7 +162,7 @@ def build_compare_tab(ctx: UIContext) -> TabHook:
         top = bench["top_error"].dropna()
         if len(top):
             text += f"\n\nMost frequent error: {top.iloc[0]}"
-        return text, plots.compare_figure(bench), bench.reindex(columns=SUMMARY_COLUMNS).round(1)
+        return text, plots_compare.compare_figure(bench), bench.reindex(columns=SUMMARY_COLUMNS).round(1)
 
     run_btn.click(run, [chosen, rates, count, words, tokens, conc, limit], [verdict, figure, table])
 

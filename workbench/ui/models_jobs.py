@@ -17,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from jobs import queue
-from workbench import plots, views
+from workbench import plots_compare, views
 from workbench.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from workbench.models import add_model
 from workbench.paths import resolve_user_path
@@ -166,7 +166,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         interactive=False,
         elem_id="fq-evals",
     )
-    evals_plot = gr.Plot(plots.accuracy_figure(pd.DataFrame()), label="Accuracy")
+    evals_plot = gr.Plot(plots_compare.accuracy_figure(pd.DataFrame()), label="Accuracy")
 
     timer = gr.Timer(1.0)
     seen = gr.State(_signature(ctx))
@@ -259,7 +259,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
                 pd.DataFrame(columns=["name", "scheme", "group_size", "weight_mb"]),
                 {},
                 pd.DataFrame(columns=EVAL_COLUMNS),
-                plots.accuracy_figure(pd.DataFrame()),
+                plots_compare.accuracy_figure(pd.DataFrame()),
             )
         evals = views.eval_frame(ctx.engine, int(checkpoint_id))
         manifest_data = views.checkpoint_manifest(ctx.engine, int(checkpoint_id))
@@ -267,7 +267,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
             views.variants_frame(ctx.engine, int(checkpoint_id)),
             json.loads(json.dumps(manifest_data)),
             _rounded(evals),
-            plots.accuracy_figure(evals),
+            plots_compare.accuracy_figure(evals),
         )
 
     ckpt_pick.change(on_open, ckpt_pick, [variants_df, manifest, evals_df, evals_plot])
@@ -296,7 +296,7 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         if done == last_done or checkpoint_id is None:
             return gr.skip(), gr.skip(), done
         evals = views.eval_frame(ctx.engine, int(checkpoint_id))
-        return _rounded(evals), plots.accuracy_figure(evals), done
+        return _rounded(evals), plots_compare.accuracy_figure(evals), done
 
     evals_seen = gr.State(-1)
     timer.tick(
