@@ -64,6 +64,19 @@ def test_command_carries_every_setting_and_env(ckpt, tmp_path):
     assert env[vllm_plugin.ENV_KERNELS] == "w4a16=marlin"
 
 
+def test_the_policys_kernel_hint_picks_the_int4_kernel_unless_kernels_are_given(ckpt, tmp_path):
+    """vLLM would load Machete on Hopper; a tuned policy saying `kernel: marlin` must get Marlin."""
+    hinted = policy_from_dict({"name": "tuned", "prefill": "w8a8", "decode": [
+        {"max_batch": 32, "variant": "w4a16", "kernel": "marlin"}, {"variant": "w8a8"}]})
+    _, env = build_vllm_command(cfg_for(ckpt, tmp_path, policy=hinted), "python3")
+    assert env[vllm_plugin.ENV_KERNELS] == "w4a16=marlin"
+    explicit = cfg_for(ckpt, tmp_path, policy=hinted, kernels={"w4a16": "machete"})
+    _, env = build_vllm_command(explicit, "python3")
+    assert env[vllm_plugin.ENV_KERNELS] == "w4a16=machete"
+    _, env = build_vllm_command(cfg_for(ckpt, tmp_path), "python3")  # no hint, no kernels: vLLM chooses
+    assert vllm_plugin.ENV_KERNELS not in env
+
+
 @pytest.mark.parametrize("change, message", [
     ({"port": 0}, "port 0"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),

@@ -22,6 +22,7 @@ __all__ = [
     "StepInfo",
     "decide",
     "fixed_policy",
+    "kernel_hints",
     "parse_policy",
     "policy_to_yaml",
     "check_policy_for",
@@ -42,7 +43,8 @@ class DecodeRule(BaseModel):
 
     max_batch: int | None = Field(default=None, ge=1, le=MAX_BATCH_LIMIT)
     variant: str = Field(pattern=r"^[a-z0-9_]{1,32}$")
-    # Optional int4 kernel hint for this range ("marlin" or "machete"); runtimes may ignore it.
+    # Optional int4 kernel for this range ("marlin" or "machete"): the vLLM runtime loads it for the
+    # variant (unless told otherwise); the CPU runtime has one kernel and ignores it.
     kernel: str | None = Field(default=None, pattern=r"^(marlin|machete)$")
 
 
@@ -125,6 +127,23 @@ def decode_rule(policy: Policy, num_decode_reqs: int) -> DecodeRule:
 def fixed_policy(variant: str) -> Policy:
     """`all-<variant>`: the baseline that runs one variant everywhere on the same checkpoint."""
     return Policy(name=f"all-{variant}", prefill=variant, decode=[DecodeRule(variant=variant)])
+
+
+def kernel_hints(*policies: Policy) -> dict[str, str]:
+    """{variant: int4 kernel} that the policies' decode rules name. An engine loads one kernel per
+    variant (the repacked weights differ per kernel), so two kernels for one variant: PolicyError."""
+    named: dict[str, set[str]] = {}
+    for policy in policies:
+        for rule in policy.decode:
+            if rule.kernel:
+                named.setdefault(rule.variant, set()).add(rule.kernel)
+    for variant, kernels in named.items():
+        if len(kernels) > 1:
+            raise PolicyError(
+                f"the policies name int4 kernels {sorted(kernels)} for variant {variant}, but an engine "
+                "loads one per variant; give policies that agree"
+            )
+    return {variant: kernels.pop() for variant, kernels in named.items()}
 
 
 def check_policy_for(policy: Policy, variants: set[str] | list[str], num_layers: int | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from workbench import ckpt_format as fmt
-from workbench.policy import Policy, fixed_policy
+from workbench.policy import Policy, fixed_policy, kernel_hints
 from workbench.runtime.serve import ServeConfig
 
 __all__ = [
@@ -169,15 +169,8 @@ def weight_memory_gib(log_text: str) -> float | None:
 
 
 def hinted_kernel(policies: list[Policy]) -> str | None:
-    """The one int4 kernel the policies' decode rules name (None if none); an engine loads only one
-    (the repacked int4 weights differ per kernel), so two different hints are a ValueError."""
-    named = {rule.kernel for p in policies for rule in p.decode if rule.kernel}
-    if len(named) > 1:
-        raise ValueError(
-            f"the policies name int4 kernels {sorted(named)}, but one engine loads one; give policies "
-            "that agree (or none: the tuned policy's kernel is used)"
-        )
-    return named.pop() if named else None
+    """The int4 kernel the policies name for W4A16 (None if none); PolicyError if they disagree."""
+    return kernel_hints(*policies).get("w4a16")
 
 
 def with_policies(target: Target, policies: list[Policy], kernel: str | None) -> Target:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.ckpt_format import QUANT_METHOD, read_config
-from workbench.policy import check_policy_for, policy_to_json
+from workbench.policy import check_policy_for, kernel_hints, policy_to_json
 from workbench.runtime import vllm_plugin
 
 logger = logging.getLogger(__name__)
@@ -93,9 +93,10 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
 
     Optional attributes read from `cfg` when present: `policy_file`, `telemetry_file` (default: a
     folder per port under the temp dir), `compilation_config`, `max_model_len`, `max_num_seqs`,
-    `kernels` ({variant: "marlin"|"machete"}), `served_model_name`, `stock` (plain checkpoint, plugin
-    and middleware off: a baseline), `extra_args` (more `vllm serve` flags), `extra_env`. Raises
-    ValueError on settings that could never start, so the user hears it before a 60 s engine start.
+    `kernels` ({variant: "marlin"|"machete"}; default: the policy's kernel hints), `served_model_name`,
+    `stock` (plain checkpoint, plugin and middleware off: a baseline), `extra_args` (more `vllm serve`
+    flags), `extra_env`. Raises ValueError on settings that could never start, so the user hears it
+    before a 60 s engine start.
     """
     ckpt = Path(cfg.checkpoint).resolve()
     if not (ckpt / "config.json").is_file():
@@ -142,7 +143,8 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
            vllm_plugin.ENV_CHECKPOINT: str(ckpt)}
     if is_flex:
         env[vllm_plugin.ENV_POLICY_JSON] = policy_to_json(cfg.policy)
-    kernels = getattr(cfg, "kernels", None)
+    # Explicit kernels win; else the kernel hints of the policy the engine starts with.
+    kernels = getattr(cfg, "kernels", None) or (kernel_hints(cfg.policy) if is_flex else None)
     if kernels:
         env[vllm_plugin.ENV_KERNELS] = ",".join(f"{v}={k}" for v, k in sorted(kernels.items()))
     env.update(getattr(cfg, "extra_env", None) or {})
