@@ -31,8 +31,16 @@ import pandas as pd
 
 from workbench.policy import Policy, policy_from_dict, policy_to_yaml
 
-__all__ = ["TunedPolicy", "candidate_name", "save_tuned_policy", "stock_sweep_rows", "tune_policy"]
+__all__ = [
+    "INT4_KERNELS",
+    "TunedPolicy",
+    "candidate_name",
+    "save_tuned_policy",
+    "stock_sweep_rows",
+    "tune_policy",
+]
 
+INT4_KERNELS = ("marlin", "machete")  # tie-break order when two envelopes score the same
 SWEEP_COLUMNS = ("variant", "kernel", "batch", "prefill_s", "tpot_ms")
 NOT_IN_MERGED_CHECKPOINT = ("bf16",)
 MIN_GAIN = 0.01  # a decode variant must win by at least this much to earn its own batch range
@@ -217,7 +225,7 @@ def tune_policy(
     sweep: list[dict] | pd.DataFrame,
     *,
     name: str = "auto",
-    int4_kernels: tuple[str, ...] = ("marlin", "machete"),
+    int4_kernels: tuple[str, ...] = INT4_KERNELS,
     min_gain: float = MIN_GAIN,
 ) -> TunedPolicy:
     """The policy (and int4 kernel) that the stock sweep says is fastest; see the module docstring."""

@@ -52,6 +52,7 @@ def variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[
 
 
 def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:
+    """One closed batch of `batch` requests, `repeats` times: medians and every sample."""
     repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
     # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
     prefills, fulls, ttfts, tpots = [], [], [], []

@@ -167,7 +167,7 @@ def _measure_target(
 
 def _autotune(results: dict, target: Target, db: Engine) -> Target:
     """Replace the flex target's `auto` placeholder by the policy tuned from this run's stock sweep."""
-    from workbench.bench.autotune import save_tuned_policy, tune_policy
+    from workbench.bench.autotune import INT4_KERNELS, save_tuned_policy, tune_policy
 
     # Baselines: stock engines, or (CPU runtime) the merged checkpoint pinned to one variant.
     baselines = [
@@ -183,7 +183,7 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
         )
     if target.kernel:  # the given policies fixed the engine's int4 kernel: tune within it
         baselines = [r for r in baselines if r["kernel"] in (None, target.kernel)]
-    kernels = (target.kernel,) if target.kernel else ("marlin", "machete")
+    kernels = (target.kernel,) if target.kernel else INT4_KERNELS
     tuned = tune_policy(baselines, name="auto", int4_kernels=kernels)
     record = save_tuned_policy(db, tuned)
     results["autotune"] = {
