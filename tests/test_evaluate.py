@@ -60,6 +60,37 @@ def test_a_fixed_policy_scores_exactly_like_its_variant(tiny_pair):
     assert rows["same-as-w4"].perplexity == pytest.approx(rows["all-w4a16"].perplexity, rel=1e-6)
 
 
+def test_a_missing_bf16_reference_is_named_not_looked_up_on_a_model_hub(tiny_pair, tmp_path):
+    _, merged = tiny_pair
+    with pytest.raises(ValueError, match=r"BF16 reference .*gone-model has no config.json"):
+        evaluate_checkpoint(merged, tmp_path / "gone-model", eval_texts(max_docs=1), seq_len=48)
+
+
+def test_importing_the_workbench_keeps_transformers_off_the_model_hub(tmp_path):
+    """A model path that does not exist fails at once as not found: no download, no network retries."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, time, workbench\n"
+        "from transformers import AutoConfig\n"
+        "t = time.time()\n"
+        "try:\n"
+        "    AutoConfig.from_pretrained('models/no-such-model')\n"
+        "except OSError:\n"
+        "    print(os.environ['HF_HUB_OFFLINE'], time.time() - t < 5)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["1", "True"], done.stdout + done.stderr[-2000:]
+    env["HF_HUB_OFFLINE"] = "0"  # the user's own setting wins
+    done = subprocess.run([sys.executable, "-c", "import os, workbench; print(os.environ['HF_HUB_OFFLINE'])"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "0"
+
+
 def test_evaluate_job_stores_one_row_per_target(tiny_pair, db_engine, tmp_path):
     source, merged = tiny_pair
     src = insert_row(db_engine, SourceModel(name="tiny", path=str(source), architecture="LlamaForCausalLM"))

@@ -93,6 +93,12 @@ def evaluate_checkpoint(
 ) -> list[EvalRow]:
     """Score BF16 (if `source_dir`), every variant and every policy on the same token positions."""
     reporter = reporter or Reporter()
+    if source_dir is not None and not (Path(source_dir) / "config.json").is_file():
+        # checked here, not left to transformers, which would take the path for a model-hub repo id
+        raise ValueError(
+            f"the BF16 reference {source_dir} has no config.json (moved or deleted?); add the source "
+            "model again (flexquant models add) or evaluate without the BF16 reference"
+        )
     reporter.update("load", 0, f"loading {ckpt_dir}")
     flex = FlexModel.load(Path(ckpt_dir), dtype=torch.float32)
     tokenizer = flex.tokenizer
