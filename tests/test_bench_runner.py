@@ -42,6 +42,7 @@ def spec_for_cpu(**kw) -> BenchSpec:
         online_output_len=4,
         online_duration_s=1.5,
         repeats_small=3,
+        warmup_s=0.2,
         runtime="cpu",
         cpu_threads=1,
         port=free_port(),
@@ -107,6 +108,9 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
     assert bench_run.kind == "bench" and bench_run.status == "ended"
     assert json.loads(bench_run.result_json)["status"] == "complete"
     assert all(t["engine_start_s"] > 0 and t["weight_bytes_b1"] > 0 for t in results["targets"])
+    # every policy was measured after a warm-up load (one list entry per policy)
+    assert [len(t["warmup_bursts"]) for t in results["targets"]] == [1, 1, 2]
+    assert all(n >= 1 for t in results["targets"] for n in t["warmup_bursts"])
     assert seen[-1][1] == total_units(spec, targets) - 1 and seen[0][0] == "starting w8a8"
 
     # --resume with the same workload keeps every measured target and starts no engine

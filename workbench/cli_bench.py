@@ -72,6 +72,9 @@ def bench(
     repeats: Annotated[
         int, typer.Option("--repeats", help="Runs per closed batch > 16 (median kept; <= 16: 3+).")
     ] = 1,
+    warmup: Annotated[
+        float, typer.Option("--warmup", help="Seconds of load before each policy is measured.")
+    ] = 3.0,
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
     ] = None,
@@ -121,6 +124,7 @@ def bench(
             port=port,
             repeats_small=max(3, repeats),
             repeats_large=repeats,
+            warmup_s=warmup,
         )
         targets = []
         for item in baseline or []:

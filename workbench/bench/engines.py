@@ -52,6 +52,7 @@ class BenchSpec:
     online_duration_s: float = 20.0
     repeats_small: int = 3  # closed batches <= 16 are short and noisy: take the median of this many
     repeats_large: int = 1  # closed batches > 16 (seconds each)
+    warmup_s: float = 3.0  # load before each policy's measurements (first-request costs, idle GPU clocks)
     seed: int = 0
     runtime: str = "vllm"  # "vllm" | "cpu" (the CPU reference: tests and demos, no stock baselines)
     gpu_memory_utilization: float = 0.85
@@ -71,6 +72,7 @@ class BenchSpec:
             (0 < self.online_duration_s <= 3600, "online duration must be 0..3600 s"),
             (self.runtime in ("vllm", "cpu"), f"runtime {self.runtime!r} must be 'vllm' or 'cpu'"),
             (self.repeats_small >= 1 and self.repeats_large >= 1, "repeats must be >= 1"),
+            (0 <= self.warmup_s <= 600, f"warm-up {self.warmup_s} s must be 0..600 s"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 
 from workbench.bench import client
 from workbench.bench.engines import BenchSpec
 from workbench.runtime.serve import ServerHandle
 
-__all__ = ["median_or_none", "online_row", "recorded_steps", "sweep_row", "variant_share"]
+__all__ = ["median_or_none", "online_row", "recorded_steps", "sweep_row", "variant_share", "warm_up"]
 
 
 def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
@@ -49,6 +50,18 @@ def variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[
             counts[variant] = counts.get(variant, 0) + 1
     total = sum(counts.values())
     return {v: round(n / total, 4) for v, n in sorted(counts.items())} if total else {}
+
+
+def warm_up(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource) -> int:
+    """Keep the engine busy for `spec.warmup_s` (at least one burst) before a policy is measured, so
+    first-request costs and an idle GPU's low clocks (an H100 idles at 345 MHz) stay out of the
+    first measurement. Returns the number of bursts sent."""
+    batch = min(16, spec.max_batch)
+    t_end, bursts = time.monotonic() + spec.warmup_s, 0
+    while bursts == 0 or time.monotonic() < t_end:
+        client.burst(handle.base_url, "bench", prompts, batch, spec.output_len)
+        bursts += 1
+    return bursts
 
 
 def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSource, batch: int) -> dict:

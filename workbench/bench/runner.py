@@ -103,6 +103,7 @@ def _target_entry(target: Target, spec: BenchSpec) -> dict:
         "engine_start_s": None,
         "run_id": None,
         "error": None,
+        "warmup_bursts": [],  # per policy, before its measurements
     }
     first = target.policies[0] if target.policies else None
     b1_variant = decide(first, StepInfo(0, 1)) if (target.kind == "flex" and first) else target.variant
@@ -145,7 +146,7 @@ def _measure_target(
             if policy is not None and policy is not first_policy:
                 handle.set_policy(policy)
             prompts = client.PromptSource(vocab, spec.prompt_len, seed=spec.seed)
-            client.burst(handle.base_url, "bench", prompts, 1, 2)  # warm-up: first-request costs stay out
+            entry["warmup_bursts"].append(measure.warm_up(handle, spec, prompts))
             base = {"label": label, "target": target.label, "policy": policy.name if policy else None}
             measurements = [("sweep", f"batch {b}", measure.sweep_row, b) for b in spec.batches]
             measurements += [("online", f"{r:g} req/s", measure.online_row, r) for r in spec.rates]
