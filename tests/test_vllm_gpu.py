@@ -88,3 +88,11 @@ def test_vllm_serve_live_policy_over_http(proof):
         live = serve[key]
         assert live["status"] == 200 and live["first_step"] == live["response"]["applied_at_step"]
         assert live["first_step_ts_minus_put_s"] < 10
+
+
+def test_vllm_serve_takes_the_int4_kernel_from_the_policy_hint(proof):
+    serve = proof["serve"]
+    assert "MarlinLinearKernel" in serve["log_kernels"], serve["log_kernels"]
+    # on Hopper vLLM picks Machete, so Marlin here means the policy's `kernel: marlin` hint took effect
+    if "MacheteLinearKernel" in serve["log_kernels"]:
+        assert any(o.startswith("variant w4a16 uses MarlinLinearKernel") for o in serve["kernel_overrides"])

@@ -127,7 +127,7 @@ def test_command_needs_a_checkpoint_folder(tmp_path):
     ("RuntimeError: No CUDA GPUs are available", "no usable NVIDIA GPU"),
     ("ModuleNotFoundError: No module named 'vllm'", "vLLM is not installed"),
     ("ValueError: Invalid quantization method: flexquant", "did not load the FlexQuant plugin"),
-    ("workbench.runtime.vllm_adapter.FlexQuantError: FlexQuant checkpoint is missing 3 tensor(s), e.g. "
+    ("workbench.runtime.vllm_state.FlexQuantError: FlexQuant checkpoint is missing 3 tensor(s), e.g. "
      "['model.layers.0.self_attn.qkv_proj.w4a16.weight_packed']", "missing 3 tensor(s)"),
     ("workbench.policy.PolicyError: FlexQuant start-up policy from FLEXQUANT_POLICY_JSON: policy 'x' uses "
      "variant(s) ['fp8']", "does not fit this checkpoint"),

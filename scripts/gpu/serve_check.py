@@ -56,11 +56,13 @@ def serve_check(ckpt: Path, work: Path, outdir: Path) -> dict:
     for p in (tel, pol):
         p.unlink(missing_ok=True)
     switching = policy_from_dict({"name": "serve-switch", "prefill": "w8a8",
-                                  "decode": [{"max_batch": 3, "variant": "w4a16"}, {"variant": "w8a8"}]})
+                                  "decode": [{"max_batch": 3, "variant": "w4a16", "kernel": "marlin"},
+                                             {"variant": "w8a8"}]})
+    # No explicit `kernels`: the starting policy's hint must choose Marlin (vLLM picks Machete on Hopper)
     cfg = SimpleNamespace(checkpoint=ckpt, policy=switching, port=PORT, host="127.0.0.1",
                           gpu_memory_utilization=0.3, tensor_parallel_size=1, max_model_len=1024, max_num_seqs=16,
                           policy_file=pol, telemetry_file=tel, compilation_config=COMPILATION,
-                          kernels={"w4a16": "marlin"}, served_model_name="flex")
+                          served_model_name="flex")
     argv, env = build_vllm_command(cfg, sys.executable)
     res: dict = {"argv": argv[2:], "env": {k: v for k, v in env.items() if "POLICY_JSON" not in k}}
     logf = outdir / "serve.log"
@@ -120,6 +122,9 @@ def serve_check(ckpt: Path, work: Path, outdir: Path) -> dict:
         res["stats"] = http("GET", "/flexquant/stats")[1]
         res["log_kernels"] = sorted({w for line in logf.read_text().splitlines() for w in line.split()
                                      if w.endswith("LinearKernel")})
+        # vLLM first logs its own pick (Machete on Hopper); the plugin then logs its override
+        res["kernel_overrides"] = [line.split("FlexQuant: ", 1)[1] for line in logf.read_text().splitlines()
+                                   if "FlexQuant: variant" in line]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -2,7 +2,8 @@
 
 `register()` is the `vllm.general_plugins` entry point (pyproject). vLLM calls it in every process
 (API server, engine core, workers), possibly more than once; it registers the quantization method
-`flexquant`, whose code lives in `vllm_adapter` (the only module that touches vLLM internals).
+`flexquant`, whose code lives in `vllm_adapter` (weights) and `vllm_dispatch` (per-step dispatch): the
+only modules that touch vLLM internals.
 
 Live policy edits cross a process boundary: `vllm serve` answers HTTP in the API-server process, but
 the variant is chosen in the engine-core/worker process. They talk through two small JSON files, so

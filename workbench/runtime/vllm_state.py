@@ -1,6 +1,6 @@
 """Per-process FlexQuant engine state for vLLM: live policy, per-step plan, step telemetry (no vLLM here).
 
-`vllm_adapter` feeds this module the composition of each engine step; everything that does not need
+`vllm_dispatch` feeds this module the composition of each engine step; everything that does not need
 vLLM's internals lives here so it can be unit-tested on a CPU:
 
 - `EngineState`: the current policy, the variant of the running step (`step_variant`, and `plan`, one
@@ -27,6 +27,10 @@ from workbench.runtime import vllm_plugin
 
 logger = logging.getLogger(__name__)
 STARTUP_VERSION = "startup"
+
+
+class FlexQuantError(ValueError):
+    """A FlexQuant checkpoint or launch setting vLLM cannot serve; the message says how to fix it."""
 
 
 class EngineState:
