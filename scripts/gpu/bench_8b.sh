@@ -6,7 +6,8 @@
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/bench_8b.sh   # repeat until complete
 # Runs (docs/benchmarks/README.md): H200 FULL=0 (W8A8 + W4A16-Marlin, batches to 128, one call); H100 FULL=1
 # (two calls), SAME_ENGINE=1 (two calls), and SHAPES=qwen2-7b BATCHES=1,16,64 RATES=8 DURATION=6 (one call).
-# FULL=1 adds BF16 and W4A16-Machete, batch 256 and 3 repeats of the large batches (about 3 calls).
+# FULL=1 adds BF16 and W4A16-Machete, batch 256 and 3 repeats of the large batches (about 3 calls);
+# FULL=1 BF16=0 leaves the BF16 engine out (2 calls with DURATION=20).
 # SAME_ENGINE=1: stock W8A8 and W4A16-Marlin, then FlexQuant under the tuned policy and the fixed
 # policies in scripts/gpu/policies/ (every step W8A8 / W4A16) on ONE engine, so the policy's gain is
 # measured without engine-to-engine differences; batches to 256, 3 repeats (2 calls: START_WITHIN=330
@@ -20,7 +21,10 @@ RES=/tmp/fqbench
 START_WITHIN=${START_WITHIN:-400}   # seconds from this script's start; no new engine after that
 HARD_STOP=${HARD_STOP:-555}         # SIGINT to the bench: it stops its engine and marks the run
 export VLLM_USE_FLASHINFER_SAMPLER=0
-if [ "${FULL:-0}" = 1 ]; then
+if [ "${FULL:-0}" = 1 ] && [ "${BF16:-1}" = 0 ]; then   # BF16=0: no BF16 engine (memory goal vs headers)
+  LAYOUTS=w8a8,w4a16,merged; BATCHES=${BATCHES:-1,4,16,64,128,256}; REPEATS=${REPEATS:-3}
+  EXTRA=(--baseline w4a16-machete="$WORK/$SHAPES-w4a16")
+elif [ "${FULL:-0}" = 1 ]; then
   LAYOUTS=bf16,w8a8,w4a16,merged; BATCHES=${BATCHES:-1,4,16,64,128,256}; REPEATS=${REPEATS:-3}
   EXTRA=(--baseline bf16="$WORK/$SHAPES-bf16" --baseline w4a16-machete="$WORK/$SHAPES-w4a16")
 elif [ "${SAME_ENGINE:-0}" = 1 ]; then
