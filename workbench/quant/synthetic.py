@@ -10,41 +10,26 @@ the variant configs come from `variant_quant_config`, the function the real quan
 checked against, so the layouts cannot drift. Shards are written and hashed in background threads
 (`ShardWriter` with an executor) while the next layers are generated; memory stays at a few
 shards per layout, not the whole model. `make_synthetic_checkpoint` writes one layout through the
-same code. The shapes themselves, and the tiny source model of fast tests, are in
-`workbench.quant.shapes`.
+same code. Each layout's key names, config.json, manifest and layout check are in
+`workbench.quant.synthetic_layouts`; the shapes themselves, and the tiny source model of fast tests,
+are in `workbench.quant.shapes`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from workbench.quant.ckpt_io import (
-    ShardWriter,
-    copy_tokenizer_files,
-    publishing,
-    read_safetensors_header,
-    tool_versions,
-    weight_files,
-    write_manifest,
-)
-from workbench.quant.merge import flexquant_config, validate_or_raise
-from workbench.quant.recipe import (
-    VARIANT_SPECS,
-    choose_group_size,
-    linear_shapes,
-    variant_quant_config,
-    variant_scheme,
-)
-from workbench.quant.shapes import SHAPES, ShapeSpec, write_wordlevel_tokenizer
+from workbench.quant.ckpt_io import ShardWriter, publishing
+from workbench.quant.recipe import VARIANT_SPECS, choose_group_size, linear_shapes, variant_scheme
+from workbench.quant.shapes import SHAPES, write_wordlevel_tokenizer
+from workbench.quant.synthetic_layouts import CheckpointTarget, finish_checkpoint
 
 __all__ = [
     "SET_LAYOUTS",
@@ -63,18 +48,6 @@ SET_LAYOUTS = ("bf16", "w8a8", "w4a16", "merged")
 MERGED_VARIANTS = ("w8a8", "w4a16")
 ROW_CHUNK = 8192  # rows drawn at once: a 128256 x 4096 fp32 draw in one piece would cost 2 GiB extra
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One checkpoint being written: its folder, its kind and the variants it holds."""
-
-    out_dir: Path
-    kind: str  # "bf16" (plain HF), "single" (one compressed-tensors variant) or "merged"
-    variants: tuple[str, ...] = ()
-
-    def key(self, linear: str, variant: str, tensor: str) -> str:
-        return f"{linear}.{variant}.{tensor}" if self.kind == "merged" else f"{linear}.{tensor}"
 
 
 def _quantize(weight: torch.Tensor, variant: str, scheme) -> dict[str, torch.Tensor]:
@@ -160,7 +133,7 @@ def make_synthetic_set(
     if not layouts or len(set(layouts)) != len(layouts) or set(layouts) - set(known):
         raise ValueError(f"layouts {layouts}: name one or more of {known}, each once")
     targets = {
-        name: _Target(
+        name: CheckpointTarget(
             Path(out_root) / f"{shapes}-{name}",
             "single" if name in VARIANT_SPECS else name,
             (name,) if name in VARIANT_SPECS else MERGED_VARIANTS if name == "merged" else (),
@@ -208,7 +181,7 @@ def make_synthetic_checkpoint(
     if layout == "single" and len(variants) != 1:
         raise ValueError(f"layout 'single' holds exactly one variant, got {list(variants)}")
     _write_checkpoints(
-        [_Target(Path(out_dir), layout, variants)],
+        [CheckpointTarget(Path(out_dir), layout, variants)],
         shapes=shapes,
         device=device,
         seed=seed,
@@ -221,7 +194,7 @@ def make_synthetic_checkpoint(
 
 
 def _write_checkpoints(
-    targets: list[_Target],
+    targets: list[CheckpointTarget],
     *,
     shapes: str,
     device: str,
@@ -289,65 +262,5 @@ def _write_checkpoints(
             if reporter is not None:
                 reporter.update("publish", 100.0, f"hashing and checking {target.out_dir.name}")
             writer.finish()
-            _finish_checkpoint(target, tmp, writer.file_records, spec, group_sizes, info, tokenizer_dir)
+            finish_checkpoint(target, tmp, writer.file_records, spec, group_sizes, info, tokenizer_dir)
     log.info("wrote synthetic %s checkpoints %s", shapes, [str(t.out_dir) for t in targets])
-
-
-def _finish_checkpoint(
-    target: _Target,
-    tmp: Path,
-    shard_records: dict[str, dict],
-    spec: ShapeSpec,
-    group_sizes: dict[str, int | None],
-    synthetic: dict,
-    tokenizer_dir: Path | None,
-) -> None:
-    """config.json, tokenizer, manifest and the layout check of one written checkpoint."""
-    config = spec.hf_config()
-    if target.kind != "bf16":
-        configs = {v: variant_quant_config(v, group_sizes[v]) for v in target.variants}
-        merged = target.kind == "merged"
-        config["quantization_config"] = flexquant_config(configs) if merged else configs[target.variants[0]]
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    manifest = {
-        "kind": target.kind,
-        "synthetic": synthetic,
-        "variants": {
-            v: {"scheme": VARIANT_SPECS[v].preset, "group_size": group_sizes[v]} for v in target.variants
-        },
-        "group_sizes": {v: group_sizes[v] for v in target.variants},
-        "tokenizer_files": copy_tokenizer_files(tokenizer_dir, tmp),
-        "versions": tool_versions(),
-    }
-    write_manifest(tmp, manifest, known=shard_records)
-    if target.kind == "bf16":
-        _check_bf16_layout(tmp, spec)
-    else:
-        validate_or_raise(tmp, verify_hashes=False)  # just written and hashed: layout check only
-
-
-def _check_bf16_layout(folder: Path, spec: ShapeSpec) -> None:
-    """The plain checkpoint holds exactly the tensors transformers' model of `spec` has, all bf16."""
-    from transformers import AutoModelForCausalLM
-
-    from workbench.quant.check import CheckpointError
-
-    with torch.device("meta"):  # shapes only, no memory
-        model = AutoModelForCausalLM.from_config(spec.hf_config_object())
-    want = {key: list(t.shape) for key, t in model.state_dict().items()}
-    if spec.tie_embeddings:
-        want.pop("lm_head.weight", None)
-    have: dict[str, dict] = {}
-    for path in weight_files(folder):
-        have.update(read_safetensors_header(path)[0])
-    problems = [f"{key} is missing" for key in sorted(set(want) - set(have))]
-    problems += [f"{key} is not a tensor of the model" for key in sorted(set(have) - set(want))]
-    problems += [
-        f"{key}: {entry['dtype']} {entry['shape']}, expected BF16 {want[key]}"
-        for key, entry in sorted(have.items())
-        if key in want and (entry["dtype"], entry["shape"]) != ("BF16", want[key])
-    ]
-    if problems:
-        raise CheckpointError(
-            f"the bf16 checkpoint written to {folder} fails its check: " + "; ".join(problems[:20])
-        )
