@@ -20,9 +20,10 @@ from workbench.quant.calibration import calibration_dataset
 from workbench.quant.check import check_checkpoint
 from workbench.quant.ckpt_io import tensor_index
 from workbench.quant.export import export_variant
-from workbench.quant.factory import quantize_and_merge, quantize_variant
+from workbench.quant.factory import quantize_and_merge
 from workbench.quant.recipe import QuantRecipe
 from workbench.quant.shapes import make_tiny_source_model
+from workbench.quant.stages import quantize_variant
 
 
 class RecordingReporter(Reporter):
@@ -209,12 +210,14 @@ def test_variants_side_by_side_give_the_same_checkpoint(tiny_source, tmp_path, m
     """One process per variant (what SmolLM2-sized models get on a CPU) = one after the other, bit for bit."""
     recipe = QuantRecipe(num_samples=4, seq_len=32)
     monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "0")
-    sequential = quantize_and_merge(tiny_source, tmp_path / "seq", recipe, reporter=RecordingReporter(),
-                                    work_dir=tmp_path / "w1")
+    sequential = quantize_and_merge(
+        tiny_source, tmp_path / "seq", recipe, reporter=RecordingReporter(), work_dir=tmp_path / "w1"
+    )
     monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "1")
     reporter = RecordingReporter()
-    parallel = quantize_and_merge(tiny_source, tmp_path / "par", recipe, reporter=reporter,
-                                  work_dir=tmp_path / "w2")
+    parallel = quantize_and_merge(
+        tiny_source, tmp_path / "par", recipe, reporter=reporter, work_dir=tmp_path / "w2"
+    )
     assert check_checkpoint(parallel).ok
     manifest = json.loads((parallel / fmt.MANIFEST_NAME).read_text())
     assert manifest["peak_rss_largest_child_bytes"] > 50 * 2**20  # a child loaded torch and the model
@@ -235,7 +238,12 @@ def test_cancel_while_variants_run_side_by_side_kills_them(tiny_source, tmp_path
     monkeypatch.setenv("FLEXQUANT_PARALLEL_VARIANTS", "1")
     reporter = RecordingReporter(cancel_at="quantize w8a8+w4a16")
     with pytest.raises(Cancelled):
-        quantize_and_merge(tiny_source, tmp_path / "out", QuantRecipe(num_samples=4, seq_len=32),
-                           reporter=reporter, work_dir=tmp_path / "work")
+        quantize_and_merge(
+            tiny_source,
+            tmp_path / "out",
+            QuantRecipe(num_samples=4, seq_len=32),
+            reporter=reporter,
+            work_dir=tmp_path / "work",
+        )
     assert not (tmp_path / "out").exists()
     assert multiprocessing.active_children() == []

@@ -80,7 +80,7 @@ def test_model_loading_never_runs_code_from_a_model_folder(tmp_path, tiny_source
     from transformers import AutoTokenizer
 
     from workbench.models import inspect_model_dir
-    from workbench.quant.factory import _load
+    from workbench.quant.stages import _load
 
     folder, marker = tmp_path / "evil", tmp_path / "pwned"
     shutil.copytree(tiny_source, folder)

@@ -5,13 +5,11 @@ Stages: load -> calibration data (`calibration.py`) -> SmoothQuant ONCE (llmcomp
 variant, reload the SAME smoothed weights and quantize them (GPTQ, or data-free RTN for fp8) with
 llmcompressor `oneshot`, saving a compressed-tensors folder (on a CPU, small models run the variants
 side by side: `parallel.py`) -> merge -> validate -> publish atomically. Intermediates live in
-`work_dir`."""
+`work_dir`. The two llmcompressor runs, `smooth_model` and `quantize_variant`, are in `stages.py`."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import json
 import logging
 import resource
 import time
@@ -19,24 +17,15 @@ from pathlib import Path
 
 import torch
 
-from workbench.quant.calibration import LayerProgress, calibration_dataset
+from workbench.quant.calibration import calibration_dataset
 from workbench.quant.ckpt_io import tool_versions
 from workbench.quant.merge import merge_variants
 from workbench.quant.parallel import quantize_variants_in_parallel, use_parallel_variants
-from workbench.quant.recipe import (
-    IGNORED_MODULES,
-    VARIANT_SPECS,
-    QuantRecipe,
-    choose_group_size,
-    configs_equivalent,
-    variant_quant_config,
-    variant_scheme,
-)
+from workbench.quant.recipe import IGNORED_MODULES, VARIANT_SPECS, QuantRecipe, choose_group_size
+from workbench.quant.stages import compute_dtype, quantize_variant, smooth_model
 
 __all__ = [
     "quantize_and_merge",
-    "quantize_variant",
-    "smooth_model",
     "quantized_in_features",
 ]
 
@@ -44,39 +33,10 @@ log = logging.getLogger(__name__)
 
 # Share of the job's 0..100 progress per stage (GPTQ dominates; merge and check are I/O).
 LOAD_END, CALIB_END, SMOOTH_END, QUANT_END = 4.0, 6.0, 18.0, 90.0
-STORAGE_DTYPE = torch.bfloat16
 
 
 def _peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
     return resource.getrusage(who).ru_maxrss * 1024  # Linux reports KiB
-
-
-def compute_dtype() -> torch.dtype:
-    """Calibration/GPTQ arithmetic dtype: bf16 on a GPU; fp32 on a CPU, where bf16 matmuls without
-    native bf16 instructions (AVX2) run ~6x slower than fp32. Checkpoints are stored in bf16 either way."""
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def _load(model_dir: Path, dtype: torch.dtype | None = None):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or compute_dtype())
-
-
-def _cast_for_storage(model: torch.nn.Module, dtype: torch.dtype = STORAGE_DTYPE) -> None:
-    """Cast everything but the quantized weights to the storage dtype before compressing.
-
-    The quantized `weight` stays in the compute dtype: compression computes round(w / scale), and
-    with w = q * scale_fp32 and a bf16-rounded scale (relative error <= 2^-9) that still rounds back
-    to exactly the integers GPTQ chose (|q| * 2^-9 < 0.5 for |q| <= 127), so only the scales carry
-    bf16 rounding, as they would had the whole run been in bf16.
-    """
-    for module in model.modules():
-        quantized = hasattr(module, "quantization_scheme")
-        for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and not (quantized and name == "weight"):
-                param.data = param.data.to(dtype)
-    model.config.dtype = dtype
 
 
 def quantized_in_features(model: torch.nn.Module) -> list[int]:
@@ -86,107 +46,6 @@ def quantized_in_features(model: torch.nn.Module) -> list[int]:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in IGNORED_MODULES
     ]
-
-
-def _oneshot(model, tokenizer, modifier, data, recipe: QuantRecipe, **extra) -> None:
-    from llmcompressor import oneshot
-
-    kwargs = {}
-    if data is not None:
-        kwargs = dict(
-            dataset=data,
-            num_calibration_samples=len(data),
-            max_seq_length=recipe.seq_len,
-            shuffle_calibration_samples=False,  # same samples, same order: reproducible variants
-            **extra,
-        )
-    oneshot(model=model, processor=tokenizer, recipe=[modifier], **kwargs)
-
-
-def smooth_model(source_dir: Path, out_dir: Path, recipe: QuantRecipe, data, tokenizer, reporter) -> Path:
-    """Apply SmoothQuant once to the model and save the smoothed weights (bf16) to `out_dir`.
-
-    Smoothing leaves every layer's output unchanged, so the pipeline's second (error-propagating)
-    pass per layer would only repeat the first: `propagate_error=False` halves the cost.
-    """
-    from llmcompressor.modifiers.transform import SmoothQuantModifier
-
-    model = _load(source_dir)
-    progress = LayerProgress(model, reporter, "smooth", CALIB_END, SMOOTH_END)
-    try:
-        _oneshot(
-            model,
-            tokenizer,
-            SmoothQuantModifier(smoothing_strength=recipe.smoothquant_strength),
-            data,
-            recipe,
-            propagate_error=False,
-        )
-    finally:
-        progress.remove()
-    # Round to bf16 once, here: every variant then starts from the same stored smoothed weights.
-    model.to(STORAGE_DTYPE)
-    model.config.dtype = STORAGE_DTYPE
-    model.save_pretrained(str(out_dir), save_compressed=False)
-    # llmcompressor 0.14 writes a recipe.yaml it cannot parse back (python/tuple tags); the recipe is
-    # in our manifest, and a stale one would break the next save_pretrained that merges recipes.
-    (Path(out_dir) / "recipe.yaml").unlink(missing_ok=True)
-    del model
-    gc.collect()
-    return Path(out_dir)
-
-
-def quantize_variant(
-    model_dir: Path,
-    variant: str,
-    out_dir: Path,
-    *,
-    recipe: QuantRecipe,
-    data,
-    tokenizer,
-    group_size: int | None,
-    reporter=None,
-    lo: float = 0.0,
-    hi: float = 100.0,
-) -> Path:
-    """Quantize the model at `model_dir` to `variant` and save it compressed to `out_dir`."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-
-    spec = VARIANT_SPECS[variant]
-    scheme = variant_scheme(variant, group_size)
-    kwargs = dict(config_groups={"group_0": scheme}, ignore=list(IGNORED_MODULES))
-    if spec.algorithm == "gptq":
-        # On a CPU the GPTQ column loop (Python overhead per column) dominates, not the matmuls;
-        # solving same-shape linears together (q+o, k+v, gate+up) cuts ~15% of a variant's time.
-        # llmcompressor's "auto" batches only on CUDA (it sizes batches from free GPU memory).
-        modifier = GPTQModifier(**kwargs, batched_quantization="auto" if torch.cuda.is_available() else 4)
-    else:
-        modifier = QuantizationModifier(**kwargs)
-    model = _load(model_dir)
-    progress = (
-        LayerProgress(model, reporter, f"quantize {variant}", lo, lo + (hi - lo) * 0.9) if reporter else None
-    )
-    try:
-        _oneshot(model, tokenizer, modifier, data if spec.algorithm == "gptq" else None, recipe)
-    finally:
-        if progress:
-            progress.remove()
-    if reporter:
-        reporter.update(f"save {variant}", lo + (hi - lo) * 0.9, f"writing {variant} (compressed-tensors)")
-    _cast_for_storage(model)
-    model.save_pretrained(str(out_dir), save_compressed=True)
-    (Path(out_dir) / "recipe.yaml").unlink(missing_ok=True)
-    del model
-    gc.collect()
-    saved = json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"]
-    if not configs_equivalent(saved, variant_quant_config(variant, group_size)):
-        # Synthetic checkpoints are built from variant_quant_config: refuse to let the layouts drift.
-        raise RuntimeError(
-            f"llmcompressor saved a {variant} quantization_config that differs from "
-            "workbench.quant.recipe.variant_quant_config; update variant_scheme to match this llmcompressor"
-        )
-    return Path(out_dir)
 
 
 def _in_features(model_dir: Path) -> list[int]:
@@ -256,7 +115,9 @@ def quantize_and_merge(
     if recipe.smoothquant_strength > 0:
         t = time.monotonic()
         reporter.update("smooth", CALIB_END, f"SmoothQuant (strength {recipe.smoothquant_strength})")
-        base_dir = smooth_model(source_dir, work_dir / "smoothed", recipe, data, tokenizer, reporter)
+        base_dir = smooth_model(
+            source_dir, work_dir / "smoothed", recipe, data, tokenizer, reporter, lo=CALIB_END, hi=SMOOTH_END
+        )
         timings["smooth"] = time.monotonic() - t
     variant_dirs = {}
     step = (QUANT_END - SMOOTH_END) / len(recipe.variants)
@@ -264,13 +125,21 @@ def quantize_and_merge(
         reporter.check_cancelled()
         t = time.monotonic()
         variant_dirs, seconds = quantize_variants_in_parallel(
-            base_dir, source_dir, work_dir / "variants", recipe=recipe, group_sizes=group_sizes,
-            reporter=reporter, lo=SMOOTH_END, hi=QUANT_END,
+            base_dir,
+            source_dir,
+            work_dir / "variants",
+            recipe=recipe,
+            group_sizes=group_sizes,
+            reporter=reporter,
+            lo=SMOOTH_END,
+            hi=QUANT_END,
         )
         timings.update(seconds)
         timings["variants_wall"] = time.monotonic() - t
-        reporter.log(f"variants quantized side by side in {timings['variants_wall']:.1f} s "
-                     f"({', '.join(f'{v} {x:.1f} s' for v, x in seconds.items())})")
+        reporter.log(
+            f"variants quantized side by side in {timings['variants_wall']:.1f} s "
+            f"({', '.join(f'{v} {x:.1f} s' for v, x in seconds.items())})"
+        )
     for i, v in enumerate(recipe.variants):
         if v in variant_dirs:
             continue

@@ -87,7 +87,7 @@ def _quantize_one(
     from transformers import AutoTokenizer
 
     from workbench.quant.calibration import calibration_dataset
-    from workbench.quant.factory import quantize_variant
+    from workbench.quant.stages import quantize_variant
 
     t0 = time.monotonic()
     recipe = QuantRecipe.model_validate_json(recipe_json)
