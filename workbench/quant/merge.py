@@ -3,8 +3,8 @@
 Shared tensors (embeddings, norms, biases, lm_head) are written once and must be bit-identical in
 every variant: they are, when all variants were quantized from the same smoothed weights, and a
 difference means they were not (so the merge refuses). Each quantized linear `P` stores the
-variant's tensors under `P.<variant>.<tensor>`. The writing helpers here (atomic publish, sharded
-writer, manifest) are shared with `export.py` and `synthetic.py` so every checkpoint we publish is
+variant's tensors under `P.<variant>.<tensor>`. Writing goes through `ckpt_io` (atomic publish,
+sharded writer, manifest), as in `export.py` and `synthetic.py`, so every checkpoint we publish is
 built the same way.
 """
 
