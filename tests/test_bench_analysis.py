@@ -444,6 +444,21 @@ def test_figures_lines_per_label_and_shares():
         figures.sweep_figure(fr["sweep"], "ttft_p99_ms")
 
 
+def test_batch_tpot_chart_shows_the_per_request_tpot_where_measured_and_log_scale_for_wide_spreads():
+    results = constructed_results()
+    old = figures.sweep_tpot_figure(report.frames(results)["sweep"])
+    assert old.layout.yaxis.title.text == "TPOT (ms)"  # older runs: the wall method
+    for row in results["sweep"]:
+        row["tpot_req_p50_ms"] = row["tpot_ms"] + 1.0
+    sweep = report.frames(report.check_results(results))["sweep"]
+    fig = figures.sweep_tpot_figure(sweep)
+    assert fig.layout.yaxis.title.text == "TPOT per request, p50 (ms)"
+    assert list({t.name: t for t in fig.data}["flex:auto"].y) == [5.2, 7.0]
+    assert fig.layout.yaxis.type != "log"  # values within 20x of each other: linear from zero
+    sweep.loc[sweep["label"] == "w4a16-marlin", "tpot_req_p50_ms"] = 500.0  # an engine that fell behind
+    assert figures.sweep_tpot_figure(sweep).layout.yaxis.type == "log"
+
+
 class Tables(HTMLParser):
     """Cell texts of every <table id=...>, and the text of <script id=...>."""
 
@@ -502,6 +517,7 @@ def test_write_report_is_one_self_describing_html(tmp_path):
         "fig-online-ttft",
         "fig-online-tpot",
         "fig-online-throughput",
+        "fig-sweep-tpot-wall",
         "fig-variant-share",
     }
     tpot = {t["name"]: t for t in traces["fig-sweep-tpot"]}

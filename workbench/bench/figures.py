@@ -14,12 +14,13 @@ import plotly.graph_objects as go
 
 from workbench.plots import LAYOUT, empty_figure, variant_color
 
-__all__ = ["METRIC_TITLES", "online_figure", "sweep_figure", "variant_share_figure"]
+__all__ = ["METRIC_TITLES", "online_figure", "sweep_figure", "sweep_tpot_figure", "variant_share_figure"]
 
 METRIC_TITLES = {
     "prefill_s": "prefill time of the batch (s)",
     "decode_s": "wall time of the batch (s)",
     "tpot_ms": "TPOT (ms)",
+    "tpot_req_p50_ms": "TPOT per request, p50 (ms)",
     "ttft_p50_ms": "TTFT p50 (ms)",
     "ttft_p90_ms": "TTFT p90 (ms)",
     "ttft_p99_ms": "TTFT p99 (ms)",
@@ -70,16 +71,31 @@ def _lines_figure(df: pd.DataFrame, x: str, metric: str, title: str, x_title: st
     fig.update_xaxes(title=x_title, type="log" if log_x else "linear")
     if log_x:
         fig.update_xaxes(tickvals=sorted(valid[x].unique().tolist()))  # the measured batches, not 10^k
-    fig.update_yaxes(title=METRIC_TITLES.get(metric, metric), rangemode="tozero")
+    values = valid[metric].astype(float)
+    # One engine that cannot keep up (W4A16-Marlin at 24 req/s: 30x the others) would flatten every
+    # other line against zero on a linear axis
+    if (values > 0).all() and values.max() / values.min() > 20:
+        fig.update_yaxes(title=METRIC_TITLES.get(metric, metric), type="log")
+    else:
+        fig.update_yaxes(title=METRIC_TITLES.get(metric, metric), rangemode="tozero")
     return fig
 
 
 def sweep_figure(sweep: pd.DataFrame, metric: str) -> go.Figure:
-    """`metric` ("prefill_s" or "tpot_ms") vs batch size on a log axis, one line per label."""
-    if metric not in ("prefill_s", "tpot_ms", "decode_s", "ttft_p50_ms"):
-        raise ValueError(f"sweep_figure draws prefill_s, tpot_ms, decode_s or ttft_p50_ms, not {metric!r}")
+    """A sweep metric (e.g. "prefill_s", "tpot_ms") vs batch size on a log axis, one line per label."""
+    drawn = ("prefill_s", "tpot_ms", "tpot_req_p50_ms", "decode_s", "ttft_p50_ms")
+    if metric not in drawn:
+        raise ValueError(f"sweep_figure draws one of {', '.join(drawn)}, not {metric!r}")
     name = METRIC_TITLES[metric].split(" (")[0]
     return _lines_figure(sweep, "batch", metric, f"Batch sweep: {name} vs batch", "batch (requests)", True)
+
+
+def sweep_tpot_figure(sweep: pd.DataFrame) -> go.Figure:
+    """TPOT vs batch as `vllm bench` defines it, per request (`tpot_req_p50_ms`), where the run
+    measured it; older runs only have the wall method (`tpot_ms`), which at large batch mostly
+    measures how prefill overlaps decode (docs/benchmarks/README.md)."""
+    per_request = "tpot_req_p50_ms" in sweep and sweep["tpot_req_p50_ms"].notna().any()
+    return sweep_figure(sweep, "tpot_req_p50_ms" if per_request else "tpot_ms")
 
 
 def online_figure(online: pd.DataFrame, metric: str) -> go.Figure:

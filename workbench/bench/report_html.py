@@ -56,10 +56,11 @@ def render_report(results: dict, *, plotlyjs: str = "cdn", flex_label: str | Non
     goal_rows = goals(results, flex)
     shown = [
         ("fig-sweep-prefill", figures.sweep_figure(sweep, "prefill_s")),
-        ("fig-sweep-tpot", figures.sweep_figure(sweep, "tpot_ms")),
+        ("fig-sweep-tpot", figures.sweep_tpot_figure(sweep)),
         ("fig-online-ttft", figures.online_figure(online, "ttft_p50_ms")),
         ("fig-online-tpot", figures.online_figure(online, "tpot_p50_ms")),
         ("fig-online-throughput", figures.online_figure(online, "output_throughput_tok_s")),
+        ("fig-sweep-tpot-wall", figures.sweep_figure(sweep, "tpot_ms")),
         (
             "fig-variant-share",
             figures.variant_share_figure(sweep if online.empty else pd.concat([sweep, online])),

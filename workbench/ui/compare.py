@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from functools import partial
 
 import gradio as gr
 import pandas as pd
@@ -34,12 +35,12 @@ BENCH_EMPTY = (
     "w8a8=DIR --baseline w4a16-marlin=DIR --checkpoint MERGED_DIR` (the run is stored here when it "
     "shares this data folder), or bring its results file over: `flexquant bench --import results.json`."
 )
-# (section of report.frames, metric, figure builder) of each benchmark chart, two per row.
+# (element id suffix, section of report.frames, figure builder) of each benchmark chart, two per row.
 BENCH_FIGURES = [
-    ("sweep", "prefill_s", figures.sweep_figure),
-    ("sweep", "tpot_ms", figures.sweep_figure),
-    ("online", "ttft_p50_ms", figures.online_figure),
-    ("online", "tpot_p50_ms", figures.online_figure),
+    ("sweep-prefill_s", "sweep", partial(figures.sweep_figure, metric="prefill_s")),
+    ("sweep-tpot_ms", "sweep", figures.sweep_tpot_figure),
+    ("online-ttft_p50_ms", "online", partial(figures.online_figure, metric="ttft_p50_ms")),
+    ("online-tpot_p50_ms", "online", partial(figures.online_figure, metric="tpot_p50_ms")),
 ]
 GOAL_TABLE_COLUMNS = ["goal", "name", "where", "flex", "reference_label", "reference", "ratio", "met"]
 SUMMARY_COLUMNS = [
@@ -269,8 +270,8 @@ def _build_bench_results(ctx: UIContext) -> gr.Dropdown:
             plots_out = []
             for row in range(0, len(BENCH_FIGURES), 2):
                 with gr.Row():
-                    for section, metric, _ in BENCH_FIGURES[row : row + 2]:
-                        plots_out.append(gr.Plot(elem_id=f"fq-bench-{section}-{metric}", show_label=False))
+                    for key, _, _ in BENCH_FIGURES[row : row + 2]:
+                        plots_out.append(gr.Plot(elem_id=f"fq-bench-{key}", show_label=False))
 
     def show(run_id):
         if run_id is None:
@@ -282,7 +283,7 @@ def _build_bench_results(ctx: UIContext) -> gr.Dropdown:
             goal_rows = goals.goals(results).reindex(columns=GOAL_TABLE_COLUMNS).round(3)
         except Exception as exc:
             raise user_error(exc) from None
-        figs = [build(frames[section], metric) for section, metric, build in BENCH_FIGURES]
+        figs = [build(frames[section]) for _, section, build in BENCH_FIGURES]
         described = views_bench.describe_bench_run(results)
         return described, gr.update(visible=True), headline_text, goal_rows, *figs
 
