@@ -379,6 +379,51 @@ def test_per_request_tpot_goal_is_judged_only_where_it_was_measured():
     assert verdicts.loc["TPOT <= 1.03x best single variant", "verdict"] == "NOT met"
 
 
+def test_engine_order_control_shows_drift_and_goals_use_the_faster_baseline_measurement(tmp_path):
+    results = constructed_results()
+    results["targets"].insert(
+        4,
+        dict(
+            label="w8a8-control",
+            kind="stock",
+            variant="w8a8",
+            kernel=None,
+            control_of="w8a8",
+            weight_memory_gib=8.5,
+            weight_bytes_b1=8.0e9,
+        ),
+    )
+    # measured again last: a faster prefill at batch 1 (0.9 s vs 1.0), slower TPOT at batch 8
+    for row, prefill, tpot in (({"batch": 1}, 0.9, 5.0), ({"batch": 8}, 2.0, 6.6)):
+        results["sweep"].append(
+            dict(
+                label="w8a8-control",
+                target="w8a8-control",
+                policy=None,
+                prefill_s=prefill,
+                tpot_ms=tpot,
+                variant_share={},
+                **row,
+            )
+        )
+    results = report.check_results(results)
+    drift = report.control_drift(results).set_index(["metric", "where"])
+    assert set(drift["control"]) == {"w8a8-control"} and set(drift["baseline"]) == {"w8a8"}
+    assert drift.loc[("prefill_s", "batch 1"), "ratio"] == pytest.approx(0.9)
+    assert drift.loc[("tpot_ms", "batch 8"), "ratio"] == pytest.approx(1.1)
+    assert "online" not in set(drift["section"])  # the control has no online rows here
+    rows = goals.goals(results).set_index(["name", "where"])
+    ttft = rows.loc[("TTFT <= 1.03x W8A8-only", "batch 1")]
+    assert ttft["reference_label"] == "w8a8-control" and ttft["ratio"] == pytest.approx(1.02 / 0.9)
+    tpot = rows.loc[("online p50 TPOT >= 15% below W8A8-only", "rate 4 req/s")]
+    assert tpot["reference_label"] == "w8a8"  # where the control was not measured, the first counts
+    text = goals.headline_markdown(results)
+    assert "Engine-order control: `w8a8` measured again after FlexQuant (`w8a8-control`)" in text
+    assert "between 0.90× and 1.10×" in text
+    page = report_html.render_report(results)
+    assert "control-drift" in page and "Engine-order control" in page
+
+
 def test_default_flex_label_needs_a_choice_among_several():
     results = constructed_results()
     results["autotune"] = None

@@ -18,7 +18,15 @@ from test_serve import PD, free_port
 from storage.db import open_db
 from storage.models import PolicyRecord, Run
 from workbench.bench import report
-from workbench.bench.engines import BenchSpec, Target, baseline_target, engine_config, hinted_kernel
+from workbench.bench.engines import (
+    BenchSpec,
+    Target,
+    baseline_target,
+    control_target,
+    engine_config,
+    hinted_kernel,
+)
+from workbench.bench.report import control_drift
 from workbench.bench.runner import SCHEMA, _autotune, run_bench, total_units
 from workbench.policy import fixed_policy, parse_policy
 from workbench.settings import Settings
@@ -190,11 +198,20 @@ def test_time_budget_stops_before_the_next_engine_and_resume_goes_on(tiny_ckpt, 
     settings = Settings(data_dir=tmp_path / "data")
     db = open_db(settings.db_path)
     out, spec = tmp_path / "results.json", spec_for_cpu(rates=())
-    targets = [pinned("w8a8", tiny_ckpt), pinned("w4a16", tiny_ckpt)]
+    w8a8 = pinned("w8a8", tiny_ckpt)
+    targets = [w8a8, control_target(w8a8), pinned("w4a16", tiny_ckpt)]
     first = run_bench(spec, targets, out_json=out, db=db, settings=settings, start_targets_within_s=0.0)
     assert first["status"] == "interrupted" and first["targets"] == [] and "--resume" in first["errors"][0]
     second = run_bench(spec, targets, out_json=out, db=db, settings=settings, resume=True)
-    assert second["status"] == "complete" and [t["label"] for t in second["targets"]] == ["w8a8", "w4a16"]
+    # the engine-order control runs last, whatever the order given
+    assert second["status"] == "complete"
+    assert [t["label"] for t in second["targets"]] == ["w8a8", "w4a16", "w8a8-control"]
+    assert second["targets"][2]["control_of"] == "w8a8"
+    drift = control_drift(second)
+    assert len(drift) == 2 * len(spec.batches) + len(spec.batches)  # prefill, per-request and wall TPOT
+    assert (drift["ratio"] > 0).all() and set(drift["baseline"]) == {"w8a8"}
+    with pytest.raises(ValueError, match="already a control"):
+        control_target(targets[1])
     db.dispose()
 
 

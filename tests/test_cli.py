@@ -423,3 +423,10 @@ def test_serve_apply_bench_with_the_cpu_runtime(data_dir: Path, tmp_path: Path) 
         runs = session.exec(select(Run)).all()
     assert len(runs) == 1 and runs[0].status == "ended"
     engine.dispose()
+
+
+def test_bench_control_needs_a_baseline_to_repeat(data_dir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    r = cli(data_dir, "bench", "--checkpoint", str(merged), "--control", "--runtime", "cpu")
+    assert r.exit_code != 0 and "--control repeats the first --baseline" in r.output

@@ -72,6 +72,14 @@ def bench(
     repeats: Annotated[
         int, typer.Option("--repeats", help="Runs per closed batch > 16 (median kept; <= 16: 3+).")
     ] = 1,
+    control: Annotated[
+        bool,
+        typer.Option(
+            "--control",
+            help="Measure the first baseline again after FlexQuant (engine-order control; goals use "
+            "the faster of its two measurements).",
+        ),
+    ] = False,
     warmup: Annotated[
         float, typer.Option("--warmup", help="Seconds of load before each policy is measured.")
     ] = 3.0,
@@ -132,6 +140,10 @@ def bench(
             if not sep:
                 fail(f"--baseline {item!r}: write NAME=DIR, e.g. w8a8=/data/llama3-8b-w8a8")
             targets.append(engines.baseline_target(name.strip(), Path(folder).expanduser()))
+        if control:
+            if not targets:
+                fail("--control repeats the first --baseline; give at least one --baseline")
+            targets.append(engines.control_target(targets[0]))  # run_bench measures it last
         if checkpoint is not None:
             policies = [policy_by_name_or_file(ctx, p) for p in policy or []]
             targets.append(

@@ -7,7 +7,9 @@
 # Runs (docs/benchmarks/README.md): H200 FULL=0 (W8A8 + W4A16-Marlin, batches to 128, one call); H100 FULL=1
 # (two calls), SAME_ENGINE=1 (two calls), and SHAPES=qwen2-7b BATCHES=1,16,64 RATES=8 DURATION=6 (one call).
 # FULL=1 adds BF16 and W4A16-Machete, batch 256 and 3 repeats of the large batches (about 3 calls);
-# FULL=1 BF16=0 leaves the BF16 engine out (2 calls with DURATION=20).
+# FULL=1 BF16=0 leaves the BF16 engine out (3 calls with DURATION=20). CONTROL=1 measures the
+# stock W8A8 engine again after FlexQuant (engine-order control: how much the first and the last
+# engine differ on the same workload; goals then use the faster of its two measurements).
 # SAME_ENGINE=1: stock W8A8 and W4A16-Marlin, then FlexQuant under the tuned policy and the fixed
 # policies in scripts/gpu/policies/ (every step W8A8 / W4A16) on ONE engine, so the policy's gain is
 # measured without engine-to-engine differences; batches to 256, 3 repeats (2 calls: START_WITHIN=330
@@ -46,7 +48,7 @@ left=$(( START_WITHIN - ($(date +%s) - t0) ))
 timeout -s INT $(( HARD_STOP - ($(date +%s) - t0) )) python3 -m workbench.cli --data-dir "$DATA" --allow-root "$WORK" \
   bench --resume --time-budget "$(( left > 0 ? left : 0 ))" \
   --baseline w8a8="$WORK/$SHAPES-w8a8" --baseline w4a16-marlin="$WORK/$SHAPES-w4a16" "${EXTRA[@]}" \
-  --checkpoint "$WORK/$SHAPES-merged" --repeats "$REPEATS" \
+  --checkpoint "$WORK/$SHAPES-merged" --repeats "$REPEATS" $([ "${CONTROL:-0}" = 1 ] && echo --control) \
   --batches "$BATCHES" --rates "${RATES:-4,12,24}" --duration "${DURATION:-8}" \
   --prompt-len 1024 --output-len 64 --online-output-len 128 --out "$RES" 2>&1 | grep -v "━" | tail -60
 echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"

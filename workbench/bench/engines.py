@@ -98,6 +98,7 @@ class Target:
     kernel: str | None = None
     policies: list[Policy] = field(default_factory=list)
     auto_policy: bool = False  # flex: measure the policy tuned from this run's stock sweep first
+    control_of: str | None = None  # a repeat of this baseline label, measured after FlexQuant
 
     def measurement_labels(self) -> list[str]:
         if self.kind == "stock":
@@ -127,6 +128,14 @@ def baseline_target(name: str, checkpoint: Path) -> Target:
         )
     variant, kernel = BASELINE_NAMES[name]
     return Target(label=name, kind="stock", checkpoint=checkpoint, variant=variant, kernel=kernel)
+
+
+def control_target(baseline: Target) -> Target:
+    """The engine-order control: `baseline` measured again after every other target, so a drift of
+    the machine between the first and the last engine shows (and goals use the faster measurement)."""
+    if baseline.control_of is not None:
+        raise ValueError(f"{baseline.label} is already a control")
+    return replace(baseline, label=f"{baseline.label}-control", control_of=baseline.label)
 
 
 def engine_config(target: Target, spec: BenchSpec, policy: Policy, port: int) -> ServeConfig:

@@ -2,8 +2,10 @@
 
 Every verdict is a ratio of two measurements from the same run (flex / reference); a lone absolute
 time is never a verdict. "Best single variant" means the best stock target, excluding BF16 (not a
-variant of the merged checkpoint) unless `include_bf16=True`. Where either side was not measured,
-`met` is None ("no data").
+variant of the merged checkpoint) unless `include_bf16=True`. A baseline measured twice (its
+engine-order control, `--control`) counts with its faster measurement, so drift between the first
+and the last engine cannot flatter FlexQuant. Where either side was not measured, `met` is None
+("no data").
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 
 import pandas as pd
 
-from workbench.bench.report import _flex_rows, default_flex_label, frames
+from workbench.bench.report import _flex_rows, control_drift, default_flex_label, frames
 from workbench.bench.weights import hbm_tb_s
 
 __all__ = ["GOALS", "GOAL_COLUMNS", "goal_verdicts", "goals", "headline_markdown", "memory", "roofline"]
@@ -96,7 +98,7 @@ def goals(results: dict, flex_label: str | None = None, *, include_bf16: bool = 
         labels = sorted({r["label"] for r in _flex_rows(results)})
         raise ValueError(f"no FlexQuant measurement is labelled {flex!r}; the FlexQuant labels are {labels}")
     candidates = {"best": _stock(targets, include_bf16=include_bf16), "w4a16": _stock(targets, "w4a16")}
-    w8a8, bf16 = (_stock(targets, "w8a8") or [None])[0], (_stock(targets, "bf16") or [None])[0]
+    w8a8, bf16 = _stock(targets, "w8a8"), (_stock(targets, "bf16") or [None])[0]
     loads = {"sweep": ("batch", "batch {:g}", "batches"), "online": ("rate", "rate {:g} req/s", "rates")}
     rows = []
     for goal, name, section, metric, reference, op, limit in GOALS:
@@ -105,10 +107,8 @@ def goals(results: dict, flex_label: str | None = None, *, include_bf16: bool = 
             continue
         load, where, spec_key = loads[section]
         for at in sorted(set(results["spec"].get(spec_key) or []) | set(df[load].dropna())):
-            if reference == "w8a8":
-                ref_label, ref = w8a8, _value(df, w8a8, load, at, metric)
-            else:
-                ref_label, ref = _best(df, candidates[reference], load, at, metric, lowest=op == "<=")
+            labels = w8a8 if reference == "w8a8" else candidates[reference]
+            ref_label, ref = _best(df, labels, load, at, metric, lowest=op == "<=")
             value = _value(df, flex, load, at, metric)
             rows.append(
                 _goal_row(goal, name, metric, where.format(at), flex, value, ref_label, ref, op, limit)
@@ -213,7 +213,7 @@ def headline_markdown(results: dict, flex_label: str | None = None) -> str:
     fr, machine = frames(results), results["machine"]
     targets = fr["targets"]
     kernel_of = targets.set_index("label")["kernel"]
-    w8a8, w4a16 = (_stock(targets, "w8a8") or [None])[0], _stock(targets, "w4a16")
+    w8a8, w4a16 = _stock(targets, "w8a8"), _stock(targets, "w4a16")
     lines = [
         f"`{flex}` vs single variants, one run on {machine.get('gpu', '?')}, "
         f"vLLM {machine.get('vllm', '?')}. Ratio = FlexQuant / single variant (below 1: FlexQuant is "
@@ -233,7 +233,7 @@ def headline_markdown(results: dict, flex_label: str | None = None) -> str:
         cells = []
         for metric in (ttft, tpot):
             value = _value(df, flex, load, at, metric)
-            cells.append(_ratio(value / _value(df, w8a8, load, at, metric)))
+            cells.append(_ratio(value / _best(df, w8a8, load, at, metric)[1]))
             best_label, best = _best(df, w4a16, load, at, metric)
             cells.append(_ratio(value / best, kernel_of.get(best_label)))
         lines.append(f"| {where} | " + " | ".join(cells) + " |")
@@ -241,6 +241,14 @@ def headline_markdown(results: dict, flex_label: str | None = None) -> str:
     for v in goal_verdicts(goals(results, flex)).itertuples():
         missing = f" ({v.missing} point(s) not measured)" if v.missing and v.verdict != "no data" else ""
         lines.append(f"| {v.goal}. {v.name} | {v.verdict}{missing} | {_ratio(v.worst_ratio)} | {v.where} |")
+    drift = control_drift(results)
+    for (first, control), part in drift.groupby(["baseline", "control"]):
+        lines += [
+            "",
+            f"Engine-order control: `{first}` measured again after FlexQuant (`{control}`): second / "
+            f"first between {part['ratio'].min():.2f}× and {part['ratio'].max():.2f}× (median "
+            f"{part['ratio'].median():.2f}×) over {len(part)} points; goals use the faster of the two.",
+        ]
     for r in roofline(results).query("label == @flex").itertuples():
         lines += [
             "",

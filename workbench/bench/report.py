@@ -15,6 +15,7 @@ __all__ = [
     "SCHEMA",
     "ResultsError",
     "check_results",
+    "control_drift",
     "default_flex_label",
     "frames",
     "load_results",
@@ -22,7 +23,7 @@ __all__ = [
 
 SCHEMA = "flexquant-bench/1"
 STATUSES = ("complete", "interrupted", "failed")
-TARGET_TEXT = "label kind variant kernel checkpoint error".split()
+TARGET_TEXT = "label kind variant kernel checkpoint error control_of".split()
 TARGET_NUMBERS = "weight_memory_gib weight_bytes_b1 engine_start_s".split()
 ROW_TEXT = "label target kind policy".split()
 SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms tpot_req_p50_ms".split()
@@ -178,3 +179,31 @@ def default_flex_label(results: dict) -> str | None:
             "policy's; pass flex_label= one of them"
         )
     return measured[0] if measured else None
+
+
+# (section, load column, metrics) compared between a baseline and its engine-order control
+DRIFT_METRICS = (
+    ("sweep", "batch", ("prefill_s", "tpot_req_p50_ms", "tpot_ms")),
+    ("online", "rate", ("ttft_p50_ms", "tpot_p50_ms")),
+)
+
+
+def control_drift(results: dict) -> pd.DataFrame:
+    """One row per (control target, metric, batch or rate) measured on both: the baseline's first
+    value, the control's (the same engine started again after every other target) and control / first.
+    How far these stray from 1 is how far engine order and machine drift alone move a ratio."""
+    fr = frames(results)
+    pairs = fr["targets"].dropna(subset=["control_of"])
+    rows = []
+    for control, first in zip(pairs["label"], pairs["control_of"], strict=True):
+        for section, load, metrics in DRIFT_METRICS:
+            df = fr[section]
+            # by target: a pinned CPU-runtime baseline labels its rows "<target>:<policy>"
+            a, b = df[df["target"] == first].set_index(load), df[df["target"] == control].set_index(load)
+            for metric in metrics:
+                for at in sorted(set(a.index) & set(b.index)):
+                    x, y = float(a.at[at, metric]), float(b.at[at, metric])
+                    if x == x and y == y and x > 0:  # both measured
+                        rows.append((first, control, section, metric, f"{load} {at:g}", x, y, y / x))
+    columns = ["baseline", "control", "section", "metric", "where", "first", "again", "ratio"]
+    return pd.DataFrame(rows, columns=columns)

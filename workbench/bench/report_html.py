@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.bench.goals import goal_verdicts, goals, memory, roofline
-from workbench.bench.report import default_flex_label, frames
+from workbench.bench.report import control_drift, default_flex_label, frames
 
 __all__ = ["render_report", "write_report", "write_text_atomic"]
 
@@ -81,6 +81,13 @@ def render_report(results: dict, *, plotlyjs: str = "cdn", flex_label: str | Non
     errors = "".join(f"<li>{esc(str(e))}</li>" for e in results["errors"]) or "<li>none</li>"
     # "</script>" inside a string of the results must not end the script element.
     raw = json.dumps(results, sort_keys=True).replace("</", "<\\/")
+    drift = control_drift(results)
+    control = (
+        "<h2>Engine-order control (the same baseline engine first and last)</h2>"
+        + _table(drift, "control-drift")
+        if not drift.empty
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} .grid{{display:grid;
@@ -97,7 +104,7 @@ Every comparison below is a ratio of two measurements from this run (flex / refe
 <h2>Goals ({esc(str(flex))})</h2>{_table(goal_verdicts(goal_rows), "goal-verdicts")}
 <details open><summary>every point</summary>{_table(goal_rows, "goals")}</details>
 <h2>Batch-1 decode step vs HBM roofline</h2>{_table(roofline(results), "roofline")}
-<h2>Resident weight memory</h2>{_table(memory(results), "memory")}
+<h2>Resident weight memory</h2>{_table(memory(results), "memory")}{control}
 <h2>Auto-tuned policy</h2><p>int4 kernel: {esc(str(tuned.get("kernel")))}</p>
 <pre>{esc(tuned.get("policy_yaml") or "no auto-tuned policy in this run")}</pre>
 <h2>Errors</h2><ul id="errors">{errors}</ul>

@@ -104,6 +104,7 @@ def _target_entry(target: Target, spec: BenchSpec) -> dict:
         "run_id": None,
         "error": None,
         "warmup_bursts": [],  # per policy, before its measurements
+        "control_of": target.control_of,
     }
     first = target.policies[0] if target.policies else None
     b1_variant = decide(first, StepInfo(0, 1)) if (target.kind == "flex" and first) else target.variant
@@ -175,7 +176,7 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
         r | {"variant": t["variant"], "kernel": t["kernel"]}
         for r in results["sweep"]
         for t in results["targets"]
-        if t["label"] == r["target"] and t["variant"] not in (None, "bf16")
+        if t["label"] == r["target"] and t["variant"] not in (None, "bf16") and not t.get("control_of")
     ]
     if not baselines:
         raise ValueError(
@@ -263,8 +264,8 @@ def run_bench(
     progress = progress or (lambda what, done: log.info("bench: %s", what))
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    # Baselines first: the auto policy is tuned from their sweep.
-    ordered = [t for t in targets if t.variant is not None] + [t for t in targets if t.variant is None]
+    # Baselines first (the auto policy is tuned from their sweep), controls last (the engine order).
+    ordered = sorted(targets, key=lambda t: 2 if t.control_of else (0 if t.variant is not None else 1))
     if resume and out_json.exists():
         results, kept = _resumed(out_json, spec, command)
         ordered = [t for t in ordered if t.label not in kept]
