@@ -131,6 +131,11 @@ def test_bench_views_ignore_other_runs_and_explain_missing_ones(db_engine) -> No
     serve = create_run(db_engine, runtime="cpu", checkpoint_path="/x", policy_name="p")
     running = create_run(db_engine, runtime="vllm", checkpoint_path="/x", policy_name="w8a8", kind="bench")
     assert views_bench.bench_runs(db_engine)["id"].tolist() == [running]  # the serving run is not a benchmark
+    assert views_bench.bench_runs(db_engine).loc[0, "gpu"] == "?"  # no results, no GPU recorded
+    measuring = create_run(db_engine, runtime="vllm", checkpoint_path="/x", policy_name="w8a8", kind="bench",
+                           config={"gpu": "NVIDIA H100 80GB HBM3"})
+    runs = views_bench.bench_runs(db_engine).set_index("id")
+    assert runs.loc[measuring, "gpu"] == "NVIDIA H100 80GB HBM3"  # a run still measuring names its GPU
     with pytest.raises(ValueError, match=f"no benchmark run with id {serve}"):
         views_bench.bench_results(db_engine, serve)
     with pytest.raises(ValueError, match="no benchmark run with id 999"):

@@ -20,14 +20,21 @@ __all__ = ["BENCH_RUN_COLUMNS", "bench_run_choices", "bench_results", "bench_run
 BENCH_RUN_COLUMNS = ["id", "started", "status", "gpu", "labels"]
 
 
-def _bench_summary(run: Run) -> tuple[str, str]:
-    """(gpu, labels) of a bench run from its stored results; a run still measuring has none yet."""
+def _json_dict(text: str | None) -> dict:
     try:
-        results = json.loads(run.result_json or "{}")
+        value = json.loads(text or "{}")
     except json.JSONDecodeError:
-        results = {}
-    machine = results.get("machine") if isinstance(results, dict) else None
-    gpu = machine.get("gpu") if isinstance(machine, dict) else None
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _bench_summary(run: Run) -> tuple[str, str]:
+    """(gpu, labels) of a bench run. The GPU is in the run's small config (since 2026-11-26, also
+    while it still measures); older rows have it only in their results (~100 KB to parse)."""
+    gpu = _json_dict(run.config_json).get("gpu")
+    if not gpu:
+        machine = _json_dict(run.result_json).get("machine")
+        gpu = machine.get("gpu") if isinstance(machine, dict) else None
     runtime = "CPU reference runtime" if run.runtime == "cpu" else "?"
     return str(gpu or runtime), run.policy_name.replace(",", ", ")
 

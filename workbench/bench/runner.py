@@ -292,7 +292,7 @@ def run_bench(
         checkpoint_path=str(targets[-1].checkpoint),
         kind="bench",
         policy_name=",".join(label for t in ordered for label in t.measurement_labels()),
-        config={"spec": results["spec"], "out_json": str(out_json)},
+        config={"spec": results["spec"], "out_json": str(out_json), "gpu": results["machine"].get("gpu")},
     )
     results["run_id"] = run_id
 

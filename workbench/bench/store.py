@@ -54,7 +54,9 @@ def import_results(engine: Engine, results: dict, source: str) -> int:
         checkpoint_path=str(targets[-1].get("checkpoint") or "") if targets else "",
         policy_name=",".join(_labels(results)),
         status=run_status(results),
-        config_json=json.dumps({"spec": results["spec"], "imported_from": source}),
+        config_json=json.dumps(
+            {"spec": results["spec"], "imported_from": source, "gpu": results["machine"].get("gpu")}
+        ),
         result_json=json.dumps(results),
         started_at=float(started) if isinstance(started, int | float) else time.time(),
         ended_at=float(ended) if isinstance(ended, int | float) else time.time(),
