@@ -10,13 +10,7 @@ measurement, so an interrupted or failed run keeps what it measured and says how
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import logging
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +18,10 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 
 from workbench import ckpt_format as fmt
-from workbench.bench import client, measure
+from workbench.bench import client, measure, results_file
 from workbench.bench.engines import BenchSpec, Target, engine_config, weight_memory_gib, with_policies
-from workbench.bench.weights import H100_HBM_TB_S, bf16_bytes, decode_bytes_per_step, hbm_tb_s
+from workbench.bench.report import SCHEMA
+from workbench.bench.weights import decode_bytes_per_step
 from workbench.policy import Policy, StepInfo, decide
 from workbench.runtime.serve import start_server
 from workbench.runtime.telemetry import create_run, end_run
@@ -35,53 +30,7 @@ from workbench.settings import Settings
 __all__ = ["SCHEMA", "run_bench"]
 
 log = logging.getLogger(__name__)
-SCHEMA = "flexquant-bench/1"
 Progress = Callable[[str, int], None]  # (what is being measured, units done so far)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _machine(settings: Settings, spec: BenchSpec) -> dict:
-    info = {"python": platform.python_version(), "host": platform.node(), "hbm_tb_s": None}
-    if spec.runtime == "vllm":
-        # nvidia-smi and package metadata: a probe of the serving python would import torch + vLLM (~15 s)
-        try:
-            smi = (
-                subprocess.run(
-                    ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
-                .stdout.strip()
-                .splitlines()
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            smi = []
-        try:
-            vllm_version = importlib.metadata.version("vllm")
-        except importlib.metadata.PackageNotFoundError:
-            vllm_version = None
-        info.update(
-            gpu=smi[0].split(",")[0].strip() if smi else None,
-            gpu_driver=smi[0].split(",")[-1].strip() if smi else None,
-            vllm=vllm_version,
-            serving_python=str(settings.vllm_python or sys.executable),
-        )
-        info["hbm_tb_s"] = hbm_tb_s(info) or H100_HBM_TB_S
-    else:
-        info.update(gpu=None, vllm=None, runtime="cpu reference")
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        info["torch"] = None
-    return info
 
 
 def total_units(spec: BenchSpec, targets: list[Target]) -> int:
@@ -198,49 +147,6 @@ def _autotune(results: dict, target: Target, db: Engine) -> Target:
     return with_policies(target, [tuned.policy], tuned.kernel)
 
 
-def _bf16_reference(targets: list[Target]) -> dict | None:
-    """BF16 weight size of the merged checkpoint's model, for the memory goal when no BF16 engine runs."""
-    merged = next((t for t in targets if t.kind == "flex"), None)
-    try:
-        gib = bf16_bytes(merged.checkpoint) / 2**30 if merged else None
-    except (ValueError, OSError):
-        return None
-    return (
-        {"weight_gib": round(gib, 3), "source": "2 bytes per parameter of the merged checkpoint"}
-        if gib
-        else None
-    )
-
-
-def _spec_dict(spec: BenchSpec) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.__dict__.items()}
-
-
-def _resumed(out_json: Path, spec: BenchSpec, command: str) -> tuple[dict, set[str]]:
-    """The earlier results at `out_json` with only its fully measured targets, and their labels."""
-    old = json.loads(out_json.read_text())
-    if old.get("schema") != SCHEMA or old.get("spec") != _spec_dict(spec):
-        raise ValueError(
-            f"{out_json} holds results of another workload (spec {old.get('spec')}); resume only "
-            "with the same settings, or choose another --out folder"
-        )
-    per_label = len(spec.batches) + len(spec.rates)
-    rows = old["sweep"] + old["online"]
-    done = {
-        t["label"]
-        for t in old["targets"]
-        if t.get("error") is None
-        and t.get("engine_start_s") is not None
-        and sum(r["target"] == t["label"] for r in rows) == per_label * max(1, len(t.get("policies") or []))
-    }
-    old["targets"] = [t for t in old["targets"] if t["label"] in done]
-    old["sweep"] = [r for r in old["sweep"] if r["target"] in done]
-    old["online"] = [r for r in old["online"] if r["target"] in done]
-    old["errors"] = []
-    old.setdefault("resumed", []).append({"at": time.time(), "command": command, "kept": sorted(done)})
-    return old, done
-
-
 def run_bench(
     spec: BenchSpec,
     targets: list[Target],
@@ -267,7 +173,7 @@ def run_bench(
     # Baselines first (the auto policy is tuned from their sweep), controls last (the engine order).
     ordered = sorted(targets, key=lambda t: 2 if t.control_of else (0 if t.variant is not None else 1))
     if resume and out_json.exists():
-        results, kept = _resumed(out_json, spec, command)
+        results, kept = results_file.resumed(out_json, spec, command)
         ordered = [t for t in ordered if t.label not in kept]
         results.update(status="running", ended_at=None)
     else:
@@ -277,14 +183,14 @@ def run_bench(
             "started_at": time.time(),
             "ended_at": None,
             "command": command,
-            "machine": _machine(settings, spec),
-            "spec": _spec_dict(spec),
+            "machine": results_file.machine_info(settings, spec),
+            "spec": results_file.spec_dict(spec),
             "targets": [],
             "sweep": [],
             "online": [],
             "autotune": None,
             "errors": [],
-            "bf16_reference": _bf16_reference(targets),
+            "bf16_reference": results_file.bf16_reference(targets),
         }
     run_id = create_run(
         db,
@@ -297,7 +203,7 @@ def run_bench(
     results["run_id"] = run_id
 
     def save() -> None:
-        _write_json(out_json, results)
+        results_file.write_json(out_json, results)
 
     done = [0]
     save()
