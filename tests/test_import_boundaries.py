@@ -5,7 +5,15 @@ import sys
 
 import pytest
 
-LIGHT_MODULES = ["storage.models", "storage.db", "jobs.progress", "workbench.policy", "workbench.ckpt_format"]
+LIGHT_MODULES = [
+    "storage.models",
+    "storage.db",
+    "jobs.progress",
+    "workbench.policy",
+    "workbench.ckpt_format",
+    "workbench.quant.ckpt_read",
+    "workbench.bench.weights",
+]
 
 
 @pytest.mark.parametrize("module", LIGHT_MODULES)

@@ -18,7 +18,7 @@ from jobs.progress import Cancelled, Reporter
 from workbench import ckpt_format as fmt
 from workbench.quant.calibration import calibration_dataset
 from workbench.quant.check import check_checkpoint
-from workbench.quant.ckpt_io import tensor_index
+from workbench.quant.ckpt_read import tensor_index
 from workbench.quant.export import export_variant
 from workbench.quant.factory import quantize_and_merge
 from workbench.quant.recipe import QuantRecipe

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from workbench import ckpt_format as fmt
 from workbench.policy import DEFAULT_POLICY, policy_from_dict
 from workbench.quant.check import check_checkpoint
-from workbench.quant.ckpt_io import read_safetensors_header, tensor_index, write_manifest
+from workbench.quant.ckpt_io import write_manifest
+from workbench.quant.ckpt_read import read_safetensors_header, tensor_index
 from workbench.quant.export import export_variant
 from workbench.quant.merge import default_policy_for, merge_variants
 from workbench.quant.recipe import choose_group_size, parse_recipe, variant_quant_config

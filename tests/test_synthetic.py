@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from workbench import ckpt_format as fmt
 from workbench.cli import app
-from workbench.quant import ckpt_io
+from workbench.quant import ckpt_io, ckpt_read
 from workbench.quant.check import check_checkpoint
 from workbench.quant.merge import strip_variant_suffix
 from workbench.quant.recipe import VARIANT_SPECS, variant_scheme
@@ -43,7 +43,7 @@ def tiny_set(tmp_path_factory) -> dict[str, Path]:
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for key, path in ckpt_io.tensor_index(folder).items():
+    for key, path in ckpt_read.tensor_index(folder).items():
         with safe_open(str(path), framework="pt") as f:
             out[key] = f.get_tensor(key)
     return out
@@ -264,16 +264,18 @@ def test_shard_writer_in_background_hashes_like_hash_file(tmp_path):
             writer.add(f"t{i}", torch.full((300,), i, dtype=torch.float32))
         names = writer.finish()
     shards = [n for n in names if n.endswith(".safetensors")]
-    assert len(shards) == 5 and writer.file_records == {n: ckpt_io.hash_file(tmp_path / n) for n in shards}
+    assert len(shards) == 5 and writer.file_records == {n: ckpt_read.hash_file(tmp_path / n) for n in shards}
     manifest = ckpt_io.write_manifest(tmp_path, {"kind": "test"}, known=writer.file_records)
-    assert manifest["files"] == ckpt_io.hash_files(
+    assert manifest["files"] == ckpt_read.hash_files(
         p for p in sorted(tmp_path.iterdir()) if p.name != fmt.MANIFEST_NAME
     )
     # a stale record (size no longer matches) is not trusted: the file is hashed again
     save_file({"other": torch.zeros(2)}, tmp_path / shards[0])
     again = ckpt_io.write_manifest(tmp_path, {}, known=writer.file_records)
     assert (
-        again["files"][shards[0]] == ckpt_io.hash_file(tmp_path / shards[0]) != writer.file_records[shards[0]]
+        again["files"][shards[0]]
+        == ckpt_read.hash_file(tmp_path / shards[0])
+        != writer.file_records[shards[0]]
     )
     # a save that fails in the background is raised by finish()
     with ThreadPoolExecutor(1) as pool:

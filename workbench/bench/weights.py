@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from workbench import ckpt_format as fmt
+from workbench.quant.ckpt_read import read_safetensors_header, weight_files
 
 __all__ = [
     "H100_HBM_TB_S",
@@ -29,8 +30,6 @@ EMBED_KEY = "model.embed_tokens.weight"
 
 def tensor_bytes(ckpt_dir: Path) -> dict[str, int]:
     """Stored size of every tensor of the checkpoint, by key."""
-    from workbench.quant.ckpt_io import read_safetensors_header, weight_files  # imports torch: only here
-
     sizes: dict[str, int] = {}
     for path in weight_files(Path(ckpt_dir)):
         header, _ = read_safetensors_header(path)

@@ -14,12 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench import ckpt_format as fmt
-from workbench.quant.ckpt_io import (
-    INDEX_NAME,
-    hash_file,
-    read_safetensors_header,
-    weight_files,
-)
+from workbench.quant.ckpt_read import INDEX_NAME, hash_file, read_safetensors_header, weight_files
 from workbench.quant.recipe import expected_layout, linear_shapes
 
 __all__ = ["CheckReport", "CheckpointError", "check_checkpoint", "load_headers"]

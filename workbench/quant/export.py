@@ -20,9 +20,9 @@ from workbench.quant.ckpt_io import (
     copy_tokenizer_files,
     natural_key,
     publishing,
-    tensor_index,
     write_manifest,
 )
+from workbench.quant.ckpt_read import tensor_index
 from workbench.quant.merge import validate_or_raise
 
 __all__ = ["export_variant"]

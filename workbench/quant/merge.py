@@ -27,9 +27,9 @@ from workbench.quant.ckpt_io import (
     copy_tokenizer_files,
     natural_key,
     publishing,
-    tensor_index,
     write_manifest,
 )
+from workbench.quant.ckpt_read import tensor_index
 from workbench.quant.recipe import VARIANT_SPECS
 
 __all__ = ["merge_variants", "flexquant_config", "default_policy_for", "quantized_prefixes"]

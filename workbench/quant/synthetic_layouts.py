@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
-from workbench.quant.ckpt_io import (
-    copy_tokenizer_files,
-    read_safetensors_header,
-    tool_versions,
-    weight_files,
-    write_manifest,
-)
+from workbench.quant.ckpt_io import copy_tokenizer_files, tool_versions, write_manifest
+from workbench.quant.ckpt_read import read_safetensors_header, weight_files
 from workbench.quant.merge import flexquant_config, validate_or_raise
 from workbench.quant.recipe import VARIANT_SPECS, variant_quant_config
 from workbench.quant.shapes import ShapeSpec
