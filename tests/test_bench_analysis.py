@@ -377,6 +377,11 @@ def test_per_request_tpot_goal_is_judged_only_where_it_was_measured():
     verdicts = goals.goal_verdicts(rows).set_index("name")
     assert verdicts.loc["TPOT <= 1.03x best single variant (per request)", "verdict"] == "met"
     assert verdicts.loc["TPOT <= 1.03x best single variant", "verdict"] == "NOT met"
+    # the README table follows: batch rows give the per-request TPOT ratios (flex 4.1 ms at batch 1)
+    text = goals.headline_markdown(results)
+    assert "batch rows: TTFT = prefill time of the batch, TPOT per request (p50)" in text
+    assert "0.82× | 1.02× (marlin) |" in text.splitlines()[4]
+    assert "TPOT by the wall method" in goals.headline_markdown(constructed_results())
 
 
 def test_engine_order_control_shows_drift_and_goals_use_the_faster_baseline_measurement(tmp_path):

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 H200 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h200/results.json"
+H100_RUN5 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h100-streamed/results.json"  # per-request TPOT
 SAMPLE = ROOT / "tests/data/bench-sample.json"
 
 
@@ -72,6 +73,18 @@ def test_imported_benchmark_results_in_compare_tab(page, app):
         expect(plot).to_contain_text(axis)
         for label in ("flex:auto", "w8a8", "w4a16-marlin"):
             expect(plot).to_contain_text(label)  # one line per measured label, in the legend
+
+    # a run with streamed batches: the batch-TPOT chart shows the per-request TPOT
+    expect(page.locator("#fq-bench-sweep-tpot_ms .js-plotly-plot")).not_to_contain_text("per request")
+    assert "stored as bench run" in import_results(app, H100_RUN5)
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("tab", name="Compare").click()
+    choose(page, "fq-bench-run", "w4a16-machete, flex:auto")
+    expect(info).to_contain_text("on NVIDIA H100 80GB HBM3")
+    expect(headline).to_contain_text("TPOT <= 1.03x best single variant (per request)")
+    tpot = page.locator("#fq-bench-sweep-tpot_ms .js-plotly-plot")
+    expect(tpot).to_contain_text("TPOT per request, p50")
+    expect(tpot).to_contain_text("w4a16-machete")
 
     page.wait_for_timeout(500)  # let Plotly finish its transitions before the picture
     page.locator("#fq-bench").screenshot(path=str(app.shots / "compare-benchmarks.png"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from workbench.bench.report import sweep_tpot_metric
 from workbench.plots import LAYOUT, empty_figure, variant_color
 
 __all__ = ["METRIC_TITLES", "online_figure", "sweep_figure", "sweep_tpot_figure", "variant_share_figure"]
@@ -91,11 +92,9 @@ def sweep_figure(sweep: pd.DataFrame, metric: str) -> go.Figure:
 
 
 def sweep_tpot_figure(sweep: pd.DataFrame) -> go.Figure:
-    """TPOT vs batch as `vllm bench` defines it, per request (`tpot_req_p50_ms`), where the run
-    measured it; older runs only have the wall method (`tpot_ms`), which at large batch mostly
-    measures how prefill overlaps decode (docs/benchmarks/README.md)."""
-    per_request = "tpot_req_p50_ms" in sweep and sweep["tpot_req_p50_ms"].notna().any()
-    return sweep_figure(sweep, "tpot_req_p50_ms" if per_request else "tpot_ms")
+    """TPOT vs batch: per request where the run measured it, else the wall method
+    (`report.sweep_tpot_metric`)."""
+    return sweep_figure(sweep, sweep_tpot_metric(sweep))
 
 
 def online_figure(online: pd.DataFrame, metric: str) -> go.Figure:

@@ -15,7 +15,7 @@ import re
 
 import pandas as pd
 
-from workbench.bench.report import _flex_rows, control_drift, default_flex_label, frames
+from workbench.bench.report import _flex_rows, control_drift, default_flex_label, frames, sweep_tpot_metric
 from workbench.bench.weights import hbm_tb_s
 
 __all__ = ["GOALS", "GOAL_COLUMNS", "goal_verdicts", "goals", "headline_markdown", "memory", "roofline"]
@@ -214,17 +214,19 @@ def headline_markdown(results: dict, flex_label: str | None = None) -> str:
     targets = fr["targets"]
     kernel_of = targets.set_index("label")["kernel"]
     w8a8, w4a16 = _stock(targets, "w8a8"), _stock(targets, "w4a16")
+    sweep_tpot = sweep_tpot_metric(fr["sweep"])
+    tpot_note = "TPOT per request (p50)" if sweep_tpot == "tpot_req_p50_ms" else "TPOT by the wall method"
     lines = [
         f"`{flex}` vs single variants, one run on {machine.get('gpu', '?')}, "
         f"vLLM {machine.get('vllm', '?')}. Ratio = FlexQuant / single variant (below 1: FlexQuant is "
-        "faster); batch rows: TTFT = prefill time of the batch; rate rows: p50.",
+        f"faster); batch rows: TTFT = prefill time of the batch, {tpot_note}; rate rows: p50.",
         "",
         "| load | TTFT vs W8A8 | TTFT vs best W4A16 | TPOT vs W8A8 | TPOT vs best W4A16 |",
         "|---|---|---|---|---|",
     ]
     points = []
     for df, load, unit, ttft, tpot in (
-        (fr["sweep"], "batch", "batch {:g}", "prefill_s", "tpot_ms"),
+        (fr["sweep"], "batch", "batch {:g}", "prefill_s", sweep_tpot),
         (fr["online"], "rate", "{:g} req/s", "ttft_p50_ms", "tpot_p50_ms"),
     ):
         for at in sorted(df.loc[df["label"] == flex, load].unique()):

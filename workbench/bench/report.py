@@ -19,6 +19,7 @@ __all__ = [
     "default_flex_label",
     "frames",
     "load_results",
+    "sweep_tpot_metric",
 ]
 
 SCHEMA = "flexquant-bench/1"
@@ -156,6 +157,14 @@ def frames(results: dict) -> dict[str, pd.DataFrame]:
     ]
     online = _frame(flat, ROW_TEXT, ONLINE_NUMBERS + latency, ["variant_share"])
     return {"targets": targets, "sweep": sweep, "online": online}
+
+
+def sweep_tpot_metric(sweep: pd.DataFrame) -> str:
+    """The batch TPOT to show: per request (`tpot_req_p50_ms`, `vllm bench`'s TPOT) where the run
+    measured it; older runs have only the wall method (`tpot_ms`), which at large batch mostly
+    measures how prefill overlaps decode (docs/benchmarks/README.md)."""
+    measured = "tpot_req_p50_ms" in sweep and sweep["tpot_req_p50_ms"].notna().any()
+    return "tpot_req_p50_ms" if measured else "tpot_ms"
 
 
 def _flex_rows(results: dict) -> list[dict]:
