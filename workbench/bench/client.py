@@ -87,13 +87,21 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return resp.json()
 
 
+def _client(connections: int, keepalive: int | None = None) -> httpx.AsyncClient:
+    """An HTTP client that opens every request of a load at once (httpx would queue beyond 100)."""
+    limits = httpx.Limits(
+        max_connections=connections + 4,
+        max_keepalive_connections=connections + 4 if keepalive is None else keepalive,
+    )
+    return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits)
+
+
 def burst(url: str, model: str, prompts: PromptSource, batch: int, max_tokens: int) -> float:
     """Wall seconds for `batch` requests sent together to finish (each exactly `max_tokens` long)."""
 
     async def run() -> float:
         bodies = [_body(model, prompts.next(), max_tokens, stream=False) for _ in range(batch)]
-        limits = httpx.Limits(max_connections=batch + 4, max_keepalive_connections=batch + 4)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async with _client(batch) as client:
             t0 = time.perf_counter()
             replies = await asyncio.gather(*(_post(client, url, b) for b in bodies))
             wall = time.perf_counter() - t0
@@ -111,8 +119,7 @@ def burst_streamed(
 
     async def run() -> tuple[float, list[StreamedRequest]]:
         bodies = [_body(model, prompts.next(), max_tokens, stream=True) for _ in range(batch)]
-        limits = httpx.Limits(max_connections=batch + 4, max_keepalive_connections=batch + 4)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async with _client(batch) as client:
             t0 = time.perf_counter()
             requests = [StreamedRequest(sent_at=t0) for _ in bodies]
             await asyncio.gather(
@@ -205,8 +212,7 @@ def poisson(
         t += rng.expovariate(rate)
 
     async def run() -> tuple[list[StreamedRequest], float]:
-        limits = httpx.Limits(max_connections=len(arrivals) + 4, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        async with _client(len(arrivals), keepalive=64) as client:
             t0 = time.perf_counter()
             requests, tasks = [], []
             for at in arrivals:
