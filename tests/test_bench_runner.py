@@ -99,6 +99,9 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
         # streamed closed batch: each request's own first token and decode rate
         assert 0 < row["ttft_p50_ms"] < row["decode_s"] * 1000 and row["tpot_req_p50_ms"] > 0, row
         assert row["tpot_req_p50_ms"] == sorted(row["tpot_req_p50_samples"])[1]
+        # last minus first TTFT of each streamed burst: 0 for one request, never negative
+        spreads = row["ttft_spread_ms_samples"]
+        assert len(spreads) == 3 and all(s >= 0 for s in spreads) and (row["batch"] > 1 or spreads == [0] * 3)
     assert [r["label"] for r in results["online"]] == labels
     for row in results["online"]:
         assert row["completed"] == row["requests"] > 0 and row["errors"] == 0, row

@@ -68,12 +68,14 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
     """One closed batch of `batch` requests, `repeats` times: medians and every sample."""
     repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
     # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
-    prefills, fulls, ttfts, tpots = [], [], [], []
+    prefills, fulls, ttfts, tpots, spreads = [], [], [], [], []
     for _ in range(repeats):
         prefills.append(client.burst(handle.base_url, "bench", prompts, batch, 1))
         wall, requests = client.burst_streamed(handle.base_url, "bench", prompts, batch, spec.output_len)
         fulls.append(wall)
-        ttfts.append(median_or_none([r.ttft_ms for r in requests]))
+        first = [r.ttft_ms for r in requests if r.ttft_ms is not None]
+        ttfts.append(median_or_none(first))
+        spreads.append(max(first) - min(first) if first else None)
         tpots.append(median_or_none([r.tpot_ms for r in requests]))
     prefill, full = statistics.median(prefills), statistics.median(fulls)
     return {
@@ -91,6 +93,9 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
         "prefill_s_samples": prefills,
         "decode_s_samples": fulls,
         "tpot_req_p50_samples": tpots,
+        # last minus first TTFT of a burst: about one prefill step when the scheduler split the burst
+        # over two steps (its requests arrive over a few ms), near 0 when one step prefilled them all
+        "ttft_spread_ms_samples": spreads,
         "variant_share": {},
     }
 
