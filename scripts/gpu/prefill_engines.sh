@@ -38,8 +38,7 @@ for i in $(seq 1 "$ROUNDS"); do
     --prompt-len 1024 --output-len 16 --online-output-len 32 --out "$res" 2>&1 | grep -v "━" | tail -4
   echo "round $i: bench exit ${PIPESTATUS[0]} after $(elapsed) s"
 done
-mkdir -p "$OUT/rounds" "$OUT/logs"
-for d in /tmp/fqpe/round-*; do [ -f "$d/results.json" ] && cp "$d/results.json" "$OUT/rounds/$(basename "$d").json"; done
-# FlexQuant's per-step telemetry (prefill tokens of each step) shows whether a burst was split
-for f in /tmp/fqpe/data/logs/run-*; do [ -f "$f" ] && gzip -c "$f" > "$OUT/logs/$(basename "$f").gz"; done
+# one tarball: the device tool brings back only a few files. FlexQuant's per-step telemetry (the prefill
+# tokens of each step) shows whether a burst was split over two steps.
+tar -czf "$OUT/prefill-engines.tar.gz" -C /tmp/fqpe --exclude='*.db*' $(cd /tmp/fqpe && ls -d round-* data/logs)
 python3 scripts/engine_spread.py /tmp/fqpe/round-*/results.json || true
