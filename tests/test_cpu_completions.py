@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from storage.db import open_db
 from storage.models import RequestRecord
-from workbench.runtime.serve import ServeConfig, start_server
+from workbench.runtime.serve import start_server
+from workbench.runtime.serve_config import ServeConfig
 from workbench.settings import Settings
 
 VOCAB = 272  # the tiny checkpoint's embedding rows (test_flexmodel.build_tiny_checkpoints)

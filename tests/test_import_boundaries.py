@@ -13,6 +13,7 @@ LIGHT_MODULES = [
     "workbench.ckpt_format",
     "workbench.quant.ckpt_read",
     "workbench.bench.weights",
+    "workbench.runtime.serve_config",
 ]
 
 

@@ -16,7 +16,8 @@ from storage.db import open_db
 from storage.models import RequestRecord, Run, StepRecord
 from workbench.chat_client import list_models, stream_chat
 from workbench.policy import DecodeRule, Policy, PolicyError, StepInfo, decide, fixed_policy
-from workbench.runtime.serve import ServeConfig, ServeError, start_server
+from workbench.runtime.serve import start_server
+from workbench.runtime.serve_config import ServeConfig, ServeError
 from workbench.settings import Settings
 
 PD = Policy(name="pd", prefill="w8a8",

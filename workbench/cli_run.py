@@ -174,6 +174,7 @@ def serve(
     serve_mod = import_backend("workbench.runtime.serve", "serve")
     from workbench.ckpt_format import read_flexquant_config
     from workbench.policy import DEFAULT_POLICY, policy_from_dict
+    from workbench.runtime.serve_config import ServeConfig
 
     st = state(ctx)
     folder, _ = resolve_checkpoint(ctx, checkpoint)
@@ -182,7 +183,7 @@ def serve(
     else:
         default = read_flexquant_config(folder).get("policy")
         chosen = policy_from_dict(default) if default else DEFAULT_POLICY
-    cfg = serve_mod.ServeConfig(
+    cfg = ServeConfig(
         checkpoint=folder,
         policy=chosen,
         port=port,

@@ -267,7 +267,8 @@ def cpu_server(tmp_path_factory, chat_checkpoint) -> Iterator[SharedServer]:
     data dir. Tests must leave its policy as they found it."""
     from storage.db import open_db
     from workbench.policy import DEFAULT_POLICY
-    from workbench.runtime.serve import ServeConfig, start_server
+    from workbench.runtime.serve import start_server
+    from workbench.runtime.serve_config import ServeConfig
     from workbench.settings import Settings
 
     data = tmp_path_factory.mktemp("served") / "data"

@@ -155,7 +155,8 @@ def policy_file(env: Env, name: str, text: str) -> str:
 def serve_refused(env: Env, folder: Path) -> str:
     from storage.db import open_db
     from workbench.policy import DEFAULT_POLICY
-    from workbench.runtime.serve import ServeConfig, ServeError, start_server
+    from workbench.runtime.serve import start_server
+    from workbench.runtime.serve_config import ServeConfig, ServeError
     from workbench.settings import Settings
 
     engine = open_db(env.data / "workbench.db")

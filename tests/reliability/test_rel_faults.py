@@ -260,7 +260,8 @@ HELLO = [{"role": "user", "content": "hello there"}]
 def test_serving_process_killed_mid_stream_then_restarted(tmp_path, chat_checkpoint, free_port, reliability):
     from workbench.chat_client import ChatError, chat_once, stream_chat
     from workbench.policy import DEFAULT_POLICY
-    from workbench.runtime.serve import ServeConfig, start_server
+    from workbench.runtime.serve import start_server
+    from workbench.runtime.serve_config import ServeConfig
     from workbench.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "data")

@@ -197,7 +197,7 @@ def test_app_refuses_to_be_exposed_without_credentials(tmp_path, reliability):
 def test_servers_bind_loopback_by_default(monkeypatch, reliability):
     import ast
 
-    from workbench.runtime.serve import ServeConfig
+    from workbench.runtime.serve_config import ServeConfig
 
     monkeypatch.delenv("FLEXQUANT_HOST", raising=False)
 

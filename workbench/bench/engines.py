@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workbench import ckpt_format as fmt
 from workbench.policy import Policy, fixed_policy, kernel_hints
-from workbench.runtime.serve import ServeConfig
+from workbench.runtime.serve_config import ServeConfig
 
 __all__ = [
     "BASELINE_NAMES",

@@ -2,8 +2,9 @@
 
 The serving environment is a separate Python (vLLM 0.26 pins compressed-tensors 0.17 and torch 2.11,
 llmcompressor pins others), so everything here works on a *path to a python*, never on an import.
-`workbench.runtime.serve` (H4) calls: `vllm_available(python)`, `build_vllm_command(cfg, python)` and,
-when the process dies or never gets healthy, `diagnose_vllm_log(log_text)`.
+`workbench.runtime.serve_config` calls `vllm_available(python)` (and `probe_vllm` for the reason it
+fails); `workbench.runtime.serve` (H4) calls `build_vllm_command(cfg, python)` and, when the process dies
+or never gets healthy, `diagnose_vllm_log(log_text)`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def vllm_available(python: str) -> bool:
 
 
 def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
-    """argv and extra environment for `vllm serve` of `cfg` (a `serve.ServeConfig`).
+    """argv and extra environment for `vllm serve` of `cfg` (a `serve_config.ServeConfig`).
 
     Optional attributes read from `cfg` when present: `policy_file`, `telemetry_file` (default: a
     folder per port under the temp dir), `compilation_config`, `max_model_len`, `max_num_seqs`,

@@ -14,7 +14,8 @@ import gradio as gr
 import pandas as pd
 
 from workbench import chat_client, views
-from workbench.runtime.serve import ServeConfig, start_server
+from workbench.runtime.serve import start_server
+from workbench.runtime.serve_config import ServeConfig
 from workbench.ui.common import TabHook, UIContext, user_error
 from workbench.ui.models_jobs import checkpoint_choices
 
