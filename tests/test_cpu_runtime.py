@@ -11,7 +11,8 @@ from test_flexmodel import build_tiny_checkpoints
 
 from storage.models import RequestRecord, StepRecord
 from workbench.policy import DecodeRule, LayerRule, Policy, PolicyError, StepInfo, decide, fixed_policy
-from workbench.runtime.cpu_engine import CpuEngine, SamplingParams
+from workbench.runtime.cpu_engine import CpuEngine
+from workbench.runtime.cpu_request import SamplingParams
 from workbench.runtime.flexmodel import FlexModel
 from workbench.runtime.telemetry import TelemetryWriter, create_run
 

@@ -5,7 +5,8 @@ prefills the newly admitted requests (only prefills: PD-aware and simple) or dec
 every running request. Before the step, `FlexModel.set_step` asks the policy (the same `decide()`
 the vLLM plugin uses) which variant computes it, per layer if the policy has layer rules. Each
 request keeps its own transformers `DynamicCache`, so the compute is per request, but the step,
-and therefore the variant choice, is shared, which is what the policy is about.
+and therefore the variant choice, is shared, which is what the policy is about. The request types
+and the per-request token choice (sampling, EOS) live in `cpu_request`.
 """
 
 from __future__ import annotations
@@ -15,62 +16,18 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from workbench.policy import Policy, StepInfo, decide
+from workbench.runtime.cpu_request import Request, SamplingParams, TokenEvent, eos_token_ids, sample_token
 from workbench.runtime.flexmodel import FlexModel
 from workbench.runtime.telemetry import RequestTiming, TelemetryWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CpuEngine", "Request", "SamplingParams", "TokenEvent"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's benchmark flag: run to max_tokens whatever the model says
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Streamed to the request's callback: new text (may be empty), and finish_reason on the last.
-
-    The token that ends a request by length carries its finish_reason (as vLLM streams it); a stop
-    on EOS, a cancel or an error comes as an event of its own with token_id None."""
-
-    request_id: str
-    token_id: int | None
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_event: Callable[[TokenEvent], None] | None
-    timing: RequestTiming
-    output_ids: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None
-    emitted_text: str = ""
-    generator: torch.Generator | None = None
-    cancelled: bool = False
-    finish_reason: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def text(self) -> str:
-        return self.emitted_text
+__all__ = ["CpuEngine"]
 
 
 class CpuEngine:
@@ -83,7 +40,7 @@ class CpuEngine:
         self.tokenizer = flex.tokenizer
         self.max_context = int(getattr(flex.model.config, "max_position_embeddings", 2048))
         self.vocab_size = int(flex.model.get_input_embeddings().num_embeddings)
-        self.eos_ids = _eos_ids(flex)
+        self.eos_ids = eos_token_ids(flex)
         self._policy, self._pending_policy = policy, None
         self._waiting: list[Request] = []
         self._running: list[Request] = []
@@ -224,7 +181,7 @@ class CpuEngine:
             req.cache = DynamicCache()
             logits = self.flex.model(torch.tensor([req.prompt_ids]), past_key_values=req.cache,
                                      use_cache=True).logits[0, -1]
-            self._accept(req, self._sample(req, logits))
+            self._accept(req, sample_token(req, logits))
         with self._cond:
             self._running.extend(r for r in reqs if not r.done.is_set())
         self._record_step(step, ts, t0, info, variant, layers, policy)
@@ -237,7 +194,7 @@ class CpuEngine:
             logits = self.flex.model(torch.tensor([[req.output_ids[-1]]]), past_key_values=req.cache,
                                      use_cache=True).logits[0, -1]
             req.timing.variant_mix[variant] = req.timing.variant_mix.get(variant, 0) + 1
-            self._accept(req, self._sample(req, logits))
+            self._accept(req, sample_token(req, logits))
         self._record_step(step, ts, t0, info, variant, layers, policy)
 
     def _record_step(self, step, ts, t0, info: StepInfo, variant, layers, policy: Policy) -> None:
@@ -246,18 +203,6 @@ class CpuEngine:
                                 num_prefill_tokens=info.num_prefill_tokens,
                                 num_decode_reqs=info.num_decode_reqs,
                                 variant=variant, policy_name=policy.name, layer_variants=layers)
-
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        p = req.params
-        if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < p.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=req.generator))
 
     def _accept(self, req: Request, token: int) -> None:
         now = time.time()
@@ -304,13 +249,3 @@ class CpuEngine:
         if self.telemetry is not None:
             self.telemetry.request(req.timing)
 
-
-def _eos_ids(flex: FlexModel) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(flex.model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(flex.tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list | tuple):
-            ids.update(int(i) for i in source)
-    return ids

@@ -24,7 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from workbench.policy import Policy, PolicyError, parse_policy, policy_from_dict
-from workbench.runtime.cpu_engine import CpuEngine, SamplingParams, TokenEvent
+from workbench.runtime.cpu_engine import CpuEngine
+from workbench.runtime.cpu_request import SamplingParams, TokenEvent
 from workbench.runtime.openai_wire import (
     CHAT_WIRE,
     MAX_TOKENS_LIMIT,
