@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench.bench import autotune, figures, goals, report, report_html
+from workbench.bench import autotune, autotune_sweep, figures, goals, report, report_html
 from workbench.policy import DecodeRule, PolicyError, StepInfo, decide, decode_rule, parse_policy
 
 SAMPLE = Path(__file__).parent / "data" / "bench-sample.json"
@@ -30,7 +30,7 @@ def baseline() -> dict:
 
 
 def stock_rows(results: dict) -> list[dict]:
-    return autotune.stock_sweep_rows(results)
+    return autotune_sweep.stock_sweep_rows(results)
 
 
 def with_oracle_flex(results: dict, tuned: autotune.TunedPolicy) -> dict:

@@ -19,6 +19,8 @@ lowest-TPOT variant per decode batch range, the one int4 kernel the engine loads
   changes, max_batch = floor(sqrt(b_i * b_j)): the sweep is spaced geometrically (1, 4, 16, ...), so
   the midpoint on its log scale is the point equally far from both measurements. The last range has
   no max_batch and carries the last measured batch's choice to every larger batch.
+
+Reading and checking the sweep rows (and dropping BF16) is `autotune_sweep`'s part.
 """
 
 from __future__ import annotations
@@ -29,23 +31,18 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from workbench.bench.autotune_sweep import Candidate, candidate_name, sweep_measurements
 from workbench.policy import Policy, policy_from_dict, policy_to_yaml
 
 __all__ = [
     "INT4_KERNELS",
     "TunedPolicy",
-    "candidate_name",
     "save_tuned_policy",
-    "stock_sweep_rows",
     "tune_policy",
 ]
 
 INT4_KERNELS = ("marlin", "machete")  # tie-break order when two envelopes score the same
-SWEEP_COLUMNS = ("variant", "kernel", "batch", "prefill_s", "tpot_ms")
-NOT_IN_MERGED_CHECKPOINT = ("bf16",)
 MIN_GAIN = 0.01  # a decode variant must win by at least this much to earn its own batch range
-
-Candidate = tuple[str, str | None]  # (variant, int4 kernel or None)
 
 
 @dataclass(frozen=True)
@@ -66,96 +63,6 @@ class TunedPolicy:
             "kernel": self.kernel,
             "data": self.data,
         }
-
-
-def candidate_name(candidate: Candidate) -> str:
-    variant, kernel = candidate
-    return f"{variant}@{kernel}" if kernel else variant
-
-
-def stock_sweep_rows(results: dict) -> list[dict]:
-    """`tune_policy`'s input from a results dict: the stock targets' sweep rows with variant and kernel."""
-    stock = {t["label"]: t for t in results.get("targets", []) if t.get("kind") == "stock"}
-    return [
-        {
-            "variant": stock[row["target"]].get("variant"),
-            "kernel": stock[row["target"]].get("kernel"),
-            "batch": row.get("batch"),
-            "prefill_s": row.get("prefill_s"),
-            "tpot_ms": row.get("tpot_ms"),
-        }
-        for row in results.get("sweep", [])
-        if row.get("target") in stock
-    ]
-
-
-def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _measurements(
-    sweep: list[dict] | pd.DataFrame, int4_kernels: tuple[str, ...]
-) -> tuple[dict[Candidate, dict[int, tuple[float, float]]], list[int], list[str]]:
-    """{candidate: {batch: (prefill_s, tpot_ms)}}, the batches, and the ignored variants; ValueError
-    naming the row and the fix for anything a tuning cannot rest on."""
-    rows = sweep.to_dict("records") if isinstance(sweep, pd.DataFrame) else list(sweep)
-    if not rows:
-        raise ValueError(
-            "the sweep is empty: tune_policy needs the stock batch-sweep rows "
-            f"({', '.join(SWEEP_COLUMNS)}); run the batch sweep on the single-variant targets first"
-        )
-    found: dict[Candidate, dict[int, tuple[float, float]]] = {}
-    ignored: set[str] = set()
-    for i, row in enumerate(rows):
-        absent = [c for c in SWEEP_COLUMNS if c not in row]
-        if absent:
-            raise ValueError(f"sweep row {i} lacks {absent}; every row needs {list(SWEEP_COLUMNS)}")
-        variant, kernel, batch = row["variant"], row["kernel"], row["batch"]
-        kernel = None if _missing(kernel) else kernel
-        if not isinstance(variant, str) or not variant:
-            raise ValueError(f"sweep row {i}: variant {variant!r} is not a variant name (e.g. 'w8a8')")
-        if variant in NOT_IN_MERGED_CHECKPOINT:
-            ignored.add(variant)
-            continue
-        if kernel is not None and kernel not in int4_kernels:
-            raise ValueError(
-                f"sweep row {i} ({variant}): kernel {kernel!r} is not one of the int4 kernels "
-                f"{list(int4_kernels)}; fix the row or pass int4_kernels"
-            )
-        if isinstance(batch, float) and batch.is_integer():
-            batch = int(batch)
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"sweep row {i} ({variant}): batch {batch!r} is not a positive integer")
-        where = f"{candidate_name((variant, kernel))} at batch {batch}"
-        values = []
-        for column in ("prefill_s", "tpot_ms"):
-            value = row[column]
-            if _missing(value):
-                raise ValueError(
-                    f"{where} has no {column} (the measurement failed); re-run it, or drop batch {batch} "
-                    "from every variant's rows"
-                )
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{where}: {column}={value!r} is not a positive time")
-            values.append(float(value))
-        per_batch = found.setdefault((variant, kernel), {})
-        if batch in per_batch:
-            raise ValueError(f"{where} appears twice in the sweep; keep one measurement per batch")
-        per_batch[batch] = (values[0], values[1])
-    if not found:
-        raise ValueError(f"the sweep holds only {sorted(ignored)}, which the merged checkpoint does not have")
-    batches = sorted({b for per_batch in found.values() for b in per_batch})
-    gaps = [
-        f"{candidate_name(c)} lacks batch(es) {[b for b in batches if b not in per_batch]}"
-        for c, per_batch in found.items()
-        if len(per_batch) < len(batches)
-    ]
-    if gaps:
-        raise ValueError(
-            "the sweep is inconsistent: " + "; ".join(gaps) + ". Every variant must be measured at the "
-            "same batches; re-run the missing points or drop those batches from every variant"
-        )
-    return found, batches, sorted(ignored)
 
 
 def _geomean(values: list[float]) -> float:
@@ -233,7 +140,7 @@ def tune_policy(
         raise ValueError(
             f"min_gain={min_gain!r}: give the smallest TPOT gain worth a switch as a fraction, e.g. 0.01"
         )
-    found, batches, ignored = _measurements(sweep, tuple(int4_kernels))
+    found, batches, ignored = sweep_measurements(sweep, tuple(int4_kernels))
     kernel, kernel_scores = _choose_kernel(found, batches, tuple(int4_kernels))
     pool = [c for c in found if c[1] is None or c[1] == kernel]
     variants = [c[0] for c in pool]
