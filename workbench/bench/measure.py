@@ -93,8 +93,8 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
         "prefill_s_samples": prefills,
         "decode_s_samples": fulls,
         "tpot_req_p50_samples": tpots,
-        # last minus first TTFT of a burst: about one prefill step when the scheduler split the burst
-        # over two steps (its requests arrive over a few ms), near 0 when one step prefilled them all
+        # last minus first TTFT of a burst: near 0 when one step prefilled them all, a prefill step
+        # more for each further step the scheduler split the burst over (requests arrive over ms)
         "ttft_spread_ms_samples": spreads,
         "variant_share": {},
     }
