@@ -19,6 +19,7 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[2]
 H200 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h200/results.json"
 H100_RUN5 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h100-streamed/results.json"  # per-request TPOT
+H100_RUN6 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h100-control/results.json"  # W8A8 twice
 SAMPLE = ROOT / "tests/data/bench-sample.json"
 
 
@@ -85,6 +86,15 @@ def test_imported_benchmark_results_in_compare_tab(page, app):
     tpot = page.locator("#fq-bench-sweep-tpot_ms .js-plotly-plot")
     expect(tpot).to_contain_text("TPOT per request, p50")
     expect(tpot).to_contain_text("w4a16-machete")
+
+    # a run with an engine-order control: its drift is reported, and a miss inside it is named so
+    assert "stored as bench run" in import_results(app, H100_RUN6)
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("tab", name="Compare").click()
+    choose(page, "fq-bench-run", "w8a8-control")
+    expect(headline).to_contain_text("Engine-order control: w8a8 measured again after FlexQuant")
+    expect(headline).to_contain_text("NOT met (1 of 2 misses within engine drift)")
+    expect(page.locator("#fq-bench-sweep-prefill_s .js-plotly-plot")).to_contain_text("w8a8-control")
 
     page.wait_for_timeout(500)  # let Plotly finish its transitions before the picture
     page.locator("#fq-bench").screenshot(path=str(app.shots / "compare-benchmarks.png"))
