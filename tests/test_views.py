@@ -9,7 +9,7 @@ from sqlmodel import Session
 
 from storage.db import open_db
 from storage.models import Checkpoint, EvalResult, Job, RequestRecord, Run, SourceModel, StepRecord, Variant
-from workbench import views
+from workbench import views, views_telemetry
 from workbench.ui.jobs_table import render_jobs_html
 
 
@@ -131,10 +131,10 @@ def test_steps_and_requests_frames(engine):
             variant="w8a8",
         ),
     )
-    steps = views.steps_frame(engine, run.id, last=3)
+    steps = views_telemetry.steps_frame(engine, run.id, last=3)
     assert list(steps["step"]) == [2, 3, 4]  # the last 3, in order
     assert list(steps["t_s"].round(3)) == [0.2, 0.3, 0.4]
-    assert list(views.steps_frame(engine, run.id)["phase"]) == ["prefill"] + ["decode"] * 4
+    assert list(views_telemetry.steps_frame(engine, run.id)["phase"]) == ["prefill"] + ["decode"] * 4
     add(
         engine,
         RequestRecord(
@@ -148,13 +148,13 @@ def test_steps_and_requests_frames(engine):
         ),
         RequestRecord(run_id=run.id, request_id="r2", arrival_ts=1001.0),
     )
-    req = views.requests_frame(engine, run.id)
+    req = views_telemetry.requests_frame(engine, run.id)
     assert list(req["request_id"]) == ["r1", "r2"]
     assert req.iloc[0]["t_s"] == 2.5 and req.iloc[1]["t_s"] != req.iloc[1]["t_s"]  # NaN while running
-    rec = views.request_record(engine, "r1")
+    rec = views_telemetry.request_record(engine, "r1")
     assert rec["variant_mix"] == {"w4a16": 9, "w8a8": 1}
-    assert views.format_variant_mix(rec["variant_mix"]) == "w4a16 90% · w8a8 10%"
-    assert views.request_record(engine, "nope") is None
+    assert views_telemetry.format_variant_mix(rec["variant_mix"]) == "w4a16 90% · w8a8 10%"
+    assert views_telemetry.request_record(engine, "nope") is None
     assert views.latest_run_id(engine) == other.id
 
 

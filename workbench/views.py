@@ -1,8 +1,8 @@
-"""Read-only views for the UI: DB rows -> pandas DataFrames (and the jobs table as HTML).
+"""Read-only views for the UI: DB rows -> pandas DataFrames for the jobs, models, checkpoints (variants,
+manifest, accuracy), runs and policies, and what the Runtime and Policy tabs need to know of a checkpoint.
 
 The Gradio callbacks call these and hand the frames to `workbench.plots` or to a table; they never
-run SQL themselves. Times in the telemetry frames are also given as `t_s`, seconds since the run
-started, because that is what a timeline axis wants.
+run SQL themselves. A run's telemetry (steps, requests, memory) is in `workbench.views_telemetry`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from storage.crud import list_policies
-from storage.models import Checkpoint, EvalResult, Job, RequestRecord, Run, SourceModel, StepRecord, Variant
+from storage.models import Checkpoint, EvalResult, Job, Run, SourceModel, Variant
 from workbench.ckpt_format import read_config, read_flexquant_config
 from workbench.policy import DEFAULT_POLICY, Policy, PolicyError, fixed_policy, parse_policy, policy_from_dict
 
@@ -33,14 +33,9 @@ __all__ = [
     "eval_frame",
     "runs_frame",
     "latest_run_id",
-    "steps_frame",
-    "requests_frame",
-    "request_record",
-    "format_variant_mix",
     "CheckpointInfo",
     "checkpoint_info",
     "policy_library",
-    "memory_frame",
 ]
 
 JOB_COLUMNS = [
@@ -58,28 +53,6 @@ JOB_COLUMNS = [
     "finished_at",
     "error",
     "log_tail",
-]
-STEP_COLUMNS = [
-    "step",
-    "ts",
-    "t_s",
-    "duration_ms",
-    "num_prefill_tokens",
-    "num_decode_reqs",
-    "variant",
-    "phase",
-    "policy_name",
-]
-REQUEST_COLUMNS = [
-    "request_id",
-    "arrival_ts",
-    "t_s",
-    "ttft_ms",
-    "tpot_ms",
-    "prompt_tokens",
-    "output_tokens",
-    "variant_mix",
-    "error",
 ]
 
 
@@ -185,86 +158,6 @@ def latest_run_id(engine: Engine, *, kind: str = "serve") -> int | None:
     return row
 
 
-def _run_start(session: Session, run_id: int) -> float:
-    run = session.get(Run, run_id)
-    return run.started_at if run is not None else 0.0
-
-
-def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFrame:
-    """The last `last` engine steps of a run in step order, with `t_s` and `phase` ("prefill" when the
-    step had prefill tokens, else "decode") added."""
-    with Session(engine) as session:
-        start = _run_start(session, run_id)
-        rows = session.exec(
-            select(StepRecord)
-            .where(StepRecord.run_id == run_id)
-            .order_by(col(StepRecord.step).desc())
-            .limit(last)
-        ).all()
-    df = pd.DataFrame(
-        [r.model_dump() for r in reversed(rows)],
-        columns=[c for c in STEP_COLUMNS if c not in ("t_s", "phase")],
-    )
-    df["t_s"] = df["ts"] - start
-    df["phase"] = ["prefill" if n > 0 else "decode" for n in df["num_prefill_tokens"]]
-    return df[STEP_COLUMNS]
-
-
-def requests_frame(engine: Engine, run_id: int, *, last: int = 1000) -> pd.DataFrame:
-    """The last `last` requests of a run by arrival, `t_s` = finish time since the run started (NaN
-    while running), `variant_mix` = {variant: share of its decode steps}."""
-    with Session(engine) as session:
-        start = _run_start(session, run_id)
-        rows = session.exec(
-            select(RequestRecord)
-            .where(RequestRecord.run_id == run_id)
-            .order_by(col(RequestRecord.id).desc())
-            .limit(last)
-        ).all()
-    records = []
-    for r in reversed(rows):
-        item = r.model_dump()
-        item["t_s"] = r.finished_ts - start if r.finished_ts is not None else float("nan")
-        item["variant_mix"] = _parse_mix(r.variant_mix_json)
-        records.append(item)
-    return pd.DataFrame(records, columns=REQUEST_COLUMNS)
-
-
-def _parse_mix(text: str | None) -> dict:
-    try:
-        mix = json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return mix if isinstance(mix, dict) else {}
-
-
-def request_record(engine: Engine, request_id: str) -> dict | None:
-    """One request's telemetry (timings, tokens, `variant_mix` dict) by its id, or None if the
-    runtime has not written it yet."""
-    with Session(engine) as session:
-        row = session.exec(
-            select(RequestRecord)
-            .where(RequestRecord.request_id == request_id)
-            .order_by(col(RequestRecord.id).desc())
-        ).first()
-    if row is None:
-        return None
-    item = row.model_dump()
-    item["variant_mix"] = _parse_mix(row.variant_mix_json)
-    return item
-
-
-def format_variant_mix(mix: dict) -> str:
-    """`{"w4a16": 9, "w8a8": 1}` (counts or shares) -> "w4a16 90% · w8a8 10%", largest first."""
-    total = sum(float(v) for v in mix.values() if isinstance(v, int | float))
-    if total <= 0:
-        return ""
-    parts = sorted(
-        ((k, float(v) / total) for k, v in mix.items() if isinstance(v, int | float)), key=lambda kv: -kv[1]
-    )
-    return " · ".join(f"{k} {share:.0%}" for k, share in parts)
-
-
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What the Runtime and Policy tabs need to know about one checkpoint."""
@@ -317,17 +210,3 @@ def policy_library(engine: Engine, *, variants: list[str] | None = None) -> dict
         if variants is None or policy.variants <= set(variants):
             found[policy.name] = policy
     return found
-
-
-def memory_frame(stats: dict) -> pd.DataFrame:
-    """Resident weight memory from a runtime's `/flexquant/stats` body: one row per variant plus
-    "shared" and "total", in MiB (the memory report may be at the top level or under "memory")."""
-    report = stats.get("memory", stats) if isinstance(stats, dict) else {}
-    per_variant = report.get("per_variant") or {}
-    rows = [(name, int(size)) for name, size in per_variant.items()]
-    for key in ("shared", "total", "bf16"):
-        if isinstance(report.get(key), int | float):
-            rows.append((key if key != "bf16" else "bf16 (same model, for reference)", int(report[key])))
-    df = pd.DataFrame(rows, columns=["part", "bytes"])
-    df["MiB"] = (df["bytes"] / 2**20).round(2)
-    return df

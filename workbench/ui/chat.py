@@ -13,7 +13,7 @@ import time
 
 import gradio as gr
 
-from workbench import views
+from workbench import views_telemetry
 from workbench.chat_client import ChatStats, stream_chat
 from workbench.ui.common import UIContext, user_error
 
@@ -28,9 +28,9 @@ def served_by(ctx: UIContext, request_id: str, *, wait_s: float = TELEMETRY_WAIT
     """The variant mix of a finished request as text, waiting briefly for its telemetry row."""
     deadline = time.monotonic() + wait_s
     while request_id:
-        record = views.request_record(ctx.engine, request_id)
+        record = views_telemetry.request_record(ctx.engine, request_id)
         if record is not None and record.get("variant_mix"):
-            return views.format_variant_mix(record["variant_mix"])
+            return views_telemetry.format_variant_mix(record["variant_mix"])
         if time.monotonic() >= deadline:
             break
         time.sleep(0.25)

@@ -1,9 +1,9 @@
 """Live tab: what the runtime is doing, step by step, redrawn about every second from the DB.
 
 The runtime writes `StepRecord`/`RequestRecord` rows (batched); a `gr.Timer` reads the last window
-of them through `workbench.views` and redraws four `workbench.plots` figures. A dashed red line marks
-every step where the policy name changed, i.e. where a policy was applied. The built-in load
-generator drives the server from here; a Stop button ends it early.
+of them through `workbench.views_telemetry` and redraws four `workbench.plots` figures. A dashed red
+line marks every step where the policy name changed, i.e. where a policy was applied. The built-in
+load generator drives the server from here; a Stop button ends it early.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import gradio as gr
 import pandas as pd
 
-from workbench import plots, views
+from workbench import plots, views, views_telemetry
 from workbench.loadgen import LoadSpec, run_load
 from workbench.ui.common import TabHook, UIContext, user_error
 
@@ -105,18 +105,19 @@ def build_live_tab(ctx: UIContext) -> TabHook:
         run_id = _resolve_run(ctx, choice)
         if run_id is None:
             figs = live_figures(
-                views.steps_frame(ctx.engine, -1),
-                views.requests_frame(ctx.engine, -1),
+                views_telemetry.steps_frame(ctx.engine, -1),
+                views_telemetry.requests_frame(ctx.engine, -1),
                 window_s=float(window_s),
             )
             return ("No run yet: start a runtime in the Runtime tab.", *figs)
-        steps = views.steps_frame(ctx.engine, run_id)
-        requests = views.requests_frame(ctx.engine, run_id)
+        steps = views_telemetry.steps_frame(ctx.engine, run_id)
+        requests = views_telemetry.requests_frame(ctx.engine, run_id)
         policy_now = steps["policy_name"].iloc[-1] if not steps.empty else "—"
         mix = steps["variant"].value_counts(normalize=True).to_dict() if not steps.empty else {}
         text = (
             f"Run #{run_id}: {len(steps)} steps, {int(requests['ttft_ms'].notna().sum())} finished requests; "
-            f"policy now **{policy_now}**; variant share {views.format_variant_mix(mix) or '—'}"
+            f"policy now **{policy_now}**; "
+            f"variant share {views_telemetry.format_variant_mix(mix) or '—'}"
         )
         return (text, *live_figures(steps, requests, window_s=float(window_s)))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from workbench import chat_client, views
+from workbench import chat_client, views, views_telemetry
 from workbench.runtime.serve import start_server
 from workbench.runtime.serve_config import ServeConfig
 from workbench.ui.common import TabHook, UIContext, user_error
@@ -66,7 +66,7 @@ def _memory(ctx: UIContext) -> pd.DataFrame:
     if not ctx.runtime.running:
         return pd.DataFrame(columns=["part", "bytes", "MiB"])
     try:
-        return views.memory_frame(chat_client.get_stats(ctx.runtime.base_url()))
+        return views_telemetry.memory_frame(chat_client.get_stats(ctx.runtime.base_url()))
     except (chat_client.ChatError, RuntimeError) as exc:
         log.info("stats not available yet: %s", exc)
         return pd.DataFrame(columns=["part", "bytes", "MiB"])
