@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from workbench import plots, plots_compare
+from workbench import plots, plots_compare, plots_live
 from workbench.policy import DecodeRule, LayerRule, Policy, fixed_policy
 
 
@@ -40,13 +40,13 @@ def shapes_x(fig) -> list[float]:
 
 
 def test_policy_change_points_finds_only_real_changes():
-    changes = plots.policy_change_points(make_steps())
+    changes = plots_live.policy_change_points(make_steps())
     assert changes.to_dict("records") == [{"t_s": 0.4, "policy_name": "all-w8a8"}]
-    assert plots.policy_change_points(make_steps().iloc[:3]).empty
+    assert plots_live.policy_change_points(make_steps().iloc[:3]).empty
 
 
 def test_variant_timeline_traces_colours_and_markers():
-    fig = plots.variant_timeline_figure(make_steps())
+    fig = plots_live.variant_timeline_figure(make_steps())
     by_name = {t.name: t for t in fig.data}
     assert set(by_name) == {"w8a8 prefill", "w8a8 decode", "w4a16 decode"}
     assert by_name["w8a8 prefill"].marker.symbol == "square"
@@ -61,7 +61,7 @@ def test_variant_timeline_traces_colours_and_markers():
 
 
 def test_batch_composition_per_variant_and_row():
-    fig = plots.batch_composition_figure(make_steps())
+    fig = plots_live.batch_composition_figure(make_steps())
     decode = {t.name: list(t.y) for t in fig.data if t.yaxis == "y"}
     prefill = {t.name: list(t.y) for t in fig.data if t.yaxis == "y2"}
     assert decode == {"w4a16": [1, 2], "w8a8": [0, 2, 3, 3]}
@@ -71,7 +71,7 @@ def test_batch_composition_per_variant_and_row():
 
 
 def test_step_latency_has_one_trace_per_variant():
-    fig = plots.step_latency_figure(make_steps())
+    fig = plots_live.step_latency_figure(make_steps())
     assert [t.name for t in fig.data] == ["w4a16", "w8a8"]
     assert list(fig.data[0].y) == [4.0, 4.5]
 
@@ -80,7 +80,7 @@ def test_rolling_latency_median_and_changes():
     req = pd.DataFrame(
         {"t_s": [1.0, 2.0, 3.0, 4.0], "ttft_ms": [10.0, 30.0, 20.0, None], "tpot_ms": [5.0, 7.0, 6.0, None]}
     )
-    fig = plots.rolling_latency_figure(
+    fig = plots_live.rolling_latency_figure(
         req, window=2, changes=pd.DataFrame({"t_s": [2.5], "policy_name": ["x"]})
     )
     rolling_ttft = next(t for t in fig.data if t.name == "TTFT rolling median")
@@ -91,7 +91,8 @@ def test_rolling_latency_median_and_changes():
 
 
 @pytest.mark.parametrize(
-    "builder", [plots.variant_timeline_figure, plots.batch_composition_figure, plots.step_latency_figure]
+    "builder",
+    [plots_live.variant_timeline_figure, plots_live.batch_composition_figure, plots_live.step_latency_figure],
 )
 def test_empty_frames_give_a_message_not_an_error(builder):
     fig = builder(make_steps().iloc[0:0])

@@ -1,15 +1,15 @@
-"""Pure figure builders: one `DataFrame -> plotly Figure` function per chart the UI shows.
+"""Pure figure builders: `DataFrame` (or `Policy`) -> plotly Figure, plus the shared look of every chart.
 
 No database, no Gradio: the frames come from `workbench.views` (or a benchmark), so every chart can
-be unit-tested by looking at its traces. Here: the live run's charts and the policy picture;
-`plots_compare` holds the side-by-side ones (accuracy per target, policies vs load). Colours are
-fixed per variant so that W8A8 is the same blue on every tab (a legend you have to re-read per
-chart is a legend nobody reads).
+be unit-tested by looking at its traces. Here: the variant colours, the common layout, the empty
+placeholder figure and the policy picture; `plots_live` holds the live run's charts and
+`plots_compare` the side-by-side ones (accuracy per target, policies vs load). Colours are fixed per
+variant so that W8A8 is the same blue on every tab (a legend you have to re-read per chart is a
+legend nobody reads).
 """
 
 from __future__ import annotations
 
-import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -19,17 +19,11 @@ from workbench.policy import Policy
 __all__ = [
     "VARIANT_COLORS",
     "variant_color",
-    "policy_change_points",
-    "variant_timeline_figure",
-    "batch_composition_figure",
-    "step_latency_figure",
-    "rolling_latency_figure",
     "policy_figure",
     "empty_figure",
 ]
 
 VARIANT_COLORS = {"w8a8": "#1f77b4", "w4a16": "#ff7f0e", "bf16": "#7f7f7f", "mixed": "#9467bd"}
-PHASE_SYMBOLS = {"prefill": "square", "decode": "circle"}
 LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=40), height=320)
 
 
@@ -57,177 +51,6 @@ def empty_figure(title: str, message: str = "no data yet") -> go.Figure:
     )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return fig
-
-
-def policy_change_points(steps: pd.DataFrame) -> pd.DataFrame:
-    """Rows (t_s, policy_name) where the policy differs from the previous step's: the moments a
-    policy was applied. The first step's policy is not a change."""
-    if steps.empty or "policy_name" not in steps:
-        return pd.DataFrame(columns=["t_s", "policy_name"])
-    ordered = steps.sort_values("step")
-    changed = ordered["policy_name"].ne(ordered["policy_name"].shift())
-    changed.iloc[0] = False
-    return ordered.loc[changed, ["t_s", "policy_name"]].reset_index(drop=True)
-
-
-def _mark_policy_changes(fig: go.Figure, changes: pd.DataFrame | None, **where) -> None:
-    if changes is None:
-        return
-    for row in changes.itertuples():
-        fig.add_vline(
-            x=row.t_s,
-            line_dash="dash",
-            line_color="#d62728",
-            annotation_text=f"policy → {row.policy_name}",
-            annotation_position="top left",
-            **where,
-        )
-
-
-def variant_timeline_figure(steps: pd.DataFrame) -> go.Figure:
-    """Which variant computed each step over time: one trace per (variant, phase), colour per
-    variant, square markers for steps with prefill tokens, circles for pure decode steps; a dashed
-    red line where the policy changed."""
-    title = "Variant per engine step"
-    if steps.empty:
-        return empty_figure(title)
-    fig = go.Figure(layout=dict(title=title, **LAYOUT))
-    for variant in sorted(steps["variant"].unique()):
-        for phase, symbol in PHASE_SYMBOLS.items():
-            part = steps[(steps["variant"] == variant) & (steps["phase"] == phase)]
-            if part.empty:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=part["t_s"],
-                    y=part["variant"],
-                    mode="markers",
-                    name=f"{variant} {phase}",
-                    marker=dict(color=variant_color(variant), symbol=symbol, size=8),
-                    customdata=part[["step", "num_prefill_tokens", "num_decode_reqs", "policy_name"]],
-                    hovertemplate="step %{customdata[0]}<br>prefill tokens %{customdata[1]}"
-                    "<br>decode reqs %{customdata[2]}<br>policy %{customdata[3]}<extra>%{y}</extra>",
-                )
-            )
-    fig.update_xaxes(title="time since run start (s)")
-    fig.update_yaxes(title="variant", type="category")
-    _mark_policy_changes(fig, policy_change_points(steps))
-    return fig
-
-
-def batch_composition_figure(steps: pd.DataFrame) -> go.Figure:
-    """What each step contained: running decode requests (top) and prefill tokens (bottom), one
-    marker per step coloured by the variant that computed it. Markers, not bars: steps are
-    milliseconds apart, so bars on a time axis of minutes would be invisible slivers."""
-    title = "Batch composition per step"
-    if steps.empty:
-        return empty_figure(title)
-    fig = make_subplots(
-        rows=2,
-        cols=1,
-        shared_xaxes=True,
-        vertical_spacing=0.12,
-        subplot_titles=("decode requests", "prefill tokens"),
-    )
-    for variant in sorted(steps["variant"].unique()):
-        part = steps[steps["variant"] == variant]
-        marker = dict(color=variant_color(variant), size=6)
-        fig.add_trace(
-            go.Scatter(
-                x=part["t_s"],
-                y=part["num_decode_reqs"],
-                mode="markers",
-                name=variant,
-                legendgroup=variant,
-                marker=marker,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=part["t_s"],
-                y=part["num_prefill_tokens"],
-                mode="markers",
-                name=variant,
-                legendgroup=variant,
-                marker=marker,
-                showlegend=False,
-            ),
-            row=2,
-            col=1,
-        )
-    fig.update_layout(title=title, **{**LAYOUT, "height": 380})
-    fig.update_yaxes(rangemode="tozero")
-    fig.update_xaxes(title="time since run start (s)", row=2, col=1)
-    _mark_policy_changes(fig, policy_change_points(steps), row="all", col=1)
-    return fig
-
-
-def step_latency_figure(steps: pd.DataFrame) -> go.Figure:
-    """Duration of every engine step over time, one colour per variant."""
-    title = "Step latency"
-    if steps.empty:
-        return empty_figure(title)
-    fig = go.Figure(layout=dict(title=title, **LAYOUT))
-    for variant in sorted(steps["variant"].unique()):
-        part = steps[steps["variant"] == variant]
-        fig.add_trace(
-            go.Scatter(
-                x=part["t_s"],
-                y=part["duration_ms"],
-                mode="markers",
-                name=variant,
-                marker=dict(color=variant_color(variant), size=6),
-            )
-        )
-    fig.update_xaxes(title="time since run start (s)")
-    fig.update_yaxes(title="step duration (ms)", rangemode="tozero")
-    _mark_policy_changes(fig, policy_change_points(steps))
-    return fig
-
-
-def rolling_latency_figure(
-    requests: pd.DataFrame, *, window: int = 8, changes: pd.DataFrame | None = None
-) -> go.Figure:
-    """TTFT (top) and TPOT (bottom) per finished request, with a rolling median over `window`
-    requests; `changes` (from `policy_change_points`) adds the policy-change lines."""
-    title = f"TTFT and TPOT (rolling median of {window} requests)"
-    done = requests.dropna(subset=["ttft_ms"]) if not requests.empty else requests
-    if done.empty:
-        return empty_figure(title, "no finished requests yet")
-    done = done.sort_values("t_s")
-    fig = make_subplots(
-        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1, subplot_titles=("TTFT (ms)", "TPOT (ms)")
-    )
-    for row, metric, color in ((1, "ttft_ms", "#2ca02c"), (2, "tpot_ms", "#9467bd")):
-        series = done[metric]
-        fig.add_trace(
-            go.Scatter(
-                x=done["t_s"],
-                y=series,
-                mode="markers",
-                name=f"{metric[:4].upper()} per request",
-                marker=dict(color=color, size=5, opacity=0.35),
-            ),
-            row=row,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=done["t_s"],
-                y=series.rolling(window, min_periods=1).median(),
-                mode="lines",
-                name=f"{metric[:4].upper()} rolling median",
-                line=dict(color=color, width=3),
-            ),
-            row=row,
-            col=1,
-        )
-    fig.update_layout(title=title, **{**LAYOUT, "height": 380})
-    fig.update_xaxes(title="request finish time since run start (s)", row=2, col=1)
-    _mark_policy_changes(fig, changes, row="all", col=1)
     return fig
 
 

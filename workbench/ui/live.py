@@ -1,9 +1,9 @@
 """Live tab: what the runtime is doing, step by step, redrawn about every second from the DB.
 
 The runtime writes `StepRecord`/`RequestRecord` rows (batched); a `gr.Timer` reads the last window
-of them through `workbench.views_telemetry` and redraws four `workbench.plots` figures. A dashed red
-line marks every step where the policy name changed, i.e. where a policy was applied. The built-in
-load generator drives the server from here; a Stop button ends it early.
+of them through `workbench.views_telemetry` and redraws four `workbench.plots_live` figures. A dashed
+red line marks every step where the policy name changed, i.e. where a policy was applied. The
+built-in load generator drives the server from here; a Stop button ends it early.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import gradio as gr
 import pandas as pd
 
-from workbench import plots, views, views_telemetry
+from workbench import plots_live, views, views_telemetry
 from workbench.loadgen import LoadSpec, run_load
 from workbench.ui.common import TabHook, UIContext, user_error
 
@@ -44,12 +44,12 @@ def live_figures(steps: pd.DataFrame, requests: pd.DataFrame, *, window_s: float
     """The four live figures for the last `window_s` seconds of a run (pure, for tests and the tab)."""
     if not steps.empty:
         steps = steps[steps["t_s"] >= steps["t_s"].max() - window_s]
-    changes = plots.policy_change_points(steps)
+    changes = plots_live.policy_change_points(steps)
     return (
-        plots.variant_timeline_figure(steps),
-        plots.batch_composition_figure(steps),
-        plots.step_latency_figure(steps),
-        plots.rolling_latency_figure(requests, changes=changes),
+        plots_live.variant_timeline_figure(steps),
+        plots_live.batch_composition_figure(steps),
+        plots_live.step_latency_figure(steps),
+        plots_live.rolling_latency_figure(requests, changes=changes),
     )
 
 
