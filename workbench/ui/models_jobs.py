@@ -2,59 +2,38 @@
 
 The queue table is HTML (progress bars) refreshed by a 1 s `gr.Timer`; the job itself runs in the
 worker process, so nothing here blocks on quantization. Model and checkpoint lists are refreshed
-only when the DB's set of rows changes, so an open dropdown is not reset every second.
+only when the DB's set of rows changes, so an open dropdown is not reset every second. The
+Checkpoints section (open one, its accuracy, evaluate it) is `workbench.ui.checkpoints_panel`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
 from jobs import queue
-from workbench import plots_compare, views
+from workbench import views
 from workbench.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from workbench.models import add_model
 from workbench.paths import resolve_user_path
 from workbench.quant.recipe import VARIANT_SPECS
+from workbench.ui.checkpoints_panel import build_checkpoints_panel, checkpoint_choices, wire_checkpoints_panel
 from workbench.ui.common import GradioReporter, UIContext, user_error
 from workbench.ui.jobs_table import render_jobs_html
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_models_jobs_tab", "checkpoint_choices", "model_choices"]
+__all__ = ["build_models_jobs_tab", "model_choices"]
 
 UPLOADS = "uploads"
-EVAL_COLUMNS = [
-    "target",
-    "dataset",
-    "perplexity",
-    "token_agreement",
-    "top1_accuracy",
-    "num_tokens",
-    "ppl_vs_bf16_pct",
-]
 
 
 def model_choices(ctx: UIContext) -> list[str]:
     return list(views.models_frame(ctx.engine)["name"])
-
-
-def checkpoint_choices(ctx: UIContext, *, kind: str | None = "merged") -> list[tuple[str, int]]:
-    """(label, id) pairs for a checkpoint dropdown, newest first."""
-    df = views.checkpoints_frame(ctx.engine)
-    if kind is not None:
-        df = df[df["kind"] == kind]
-    return [(f"{r.name}  [{r.variants}]", int(r.id)) for r in df.iloc[::-1].itertuples()]
-
-
-def _rounded(evals: pd.DataFrame) -> pd.DataFrame:
-    return evals.round({"perplexity": 3, "token_agreement": 4, "top1_accuracy": 4, "ppl_vs_bf16_pct": 2})
 
 
 def _signature(ctx: UIContext) -> str:
@@ -132,41 +111,8 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
         retry_btn = gr.Button("Retry job", scale=1)
     job_status = gr.Markdown()
 
-    gr.Markdown("### Checkpoints")
-    ckpts_df = gr.Dataframe(
-        views.checkpoints_frame(ctx.engine), interactive=False, label="Checkpoints", max_height=220
-    )
-    ckpt_pick = gr.Dropdown(
-        checkpoint_choices(ctx, kind=None), value=None, label="Open checkpoint", elem_id="fq-open-ckpt"
-    )
-    with gr.Row():
-        variants_df = gr.Dataframe(
-            pd.DataFrame(columns=["name", "scheme", "group_size", "weight_mb"]),
-            label="Variants",
-            interactive=False,
-        )
-        manifest = gr.JSON(label="Manifest", open=False, max_height=320, elem_id="fq-manifest")
-    with gr.Row():
-        eval_docs = gr.Number(
-            20,
-            precision=0,
-            minimum=1,
-            maximum=1000,
-            label="Eval documents (held-out Lee corpus)",
-            elem_id="fq-eval-docs",
-        )
-        eval_seq = gr.Number(
-            256, precision=0, minimum=16, maximum=4096, label="Eval sequence length", elem_id="fq-eval-seq"
-        )
-        eval_btn = gr.Button("Evaluate accuracy (queues a job)", elem_id="fq-eval")
-    eval_status = gr.Markdown(elem_id="fq-eval-status")
-    evals_df = gr.Dataframe(
-        pd.DataFrame(columns=EVAL_COLUMNS),
-        label="Accuracy vs BF16 (perplexity, top-1 agreement)",
-        interactive=False,
-        elem_id="fq-evals",
-    )
-    evals_plot = gr.Plot(plots_compare.accuracy_figure(pd.DataFrame()), label="Accuracy")
+    checkpoints = build_checkpoints_panel(ctx)
+    ckpts_df, ckpt_pick = checkpoints.ckpts_df, checkpoints.ckpt_pick
 
     timer = gr.Timer(1.0)
     seen = gr.State(_signature(ctx))
@@ -253,52 +199,4 @@ def build_models_jobs_tab(ctx: UIContext) -> None:
     cancel_btn.click(lambda jid: on_job_action(queue.cancel, jid), job_id, job_status)
     retry_btn.click(lambda jid: on_job_action(queue.retry, jid), job_id, job_status)
 
-    def on_open(checkpoint_id):
-        if checkpoint_id is None:
-            return (
-                pd.DataFrame(columns=["name", "scheme", "group_size", "weight_mb"]),
-                {},
-                pd.DataFrame(columns=EVAL_COLUMNS),
-                plots_compare.accuracy_figure(pd.DataFrame()),
-            )
-        evals = views.eval_frame(ctx.engine, int(checkpoint_id))
-        manifest_data = views.checkpoint_manifest(ctx.engine, int(checkpoint_id))
-        return (
-            views.variants_frame(ctx.engine, int(checkpoint_id)),
-            json.loads(json.dumps(manifest_data)),
-            _rounded(evals),
-            plots_compare.accuracy_figure(evals),
-        )
-
-    ckpt_pick.change(on_open, ckpt_pick, [variants_df, manifest, evals_df, evals_plot])
-
-    def on_evaluate(checkpoint_id, docs, seq):
-        try:
-            if checkpoint_id is None:
-                raise ValueError("open a checkpoint first")
-            name = views.checkpoint_info(ctx.engine, int(checkpoint_id)).name
-            # "default": the checkpoint's own policy, next to BF16 and every variant alone.
-            job = queue.submit(
-                ctx.engine,
-                "evaluate",
-                {"checkpoint": name, "policies": ["default"], "max_docs": int(docs), "seq_len": int(seq)},
-                title=f"evaluate {name}",
-            )
-        except Exception as exc:
-            raise user_error(exc) from None
-        return f"Queued evaluation job **#{job.id}**; reopen the checkpoint when it is done.", job.id
-
-    eval_btn.click(on_evaluate, [ckpt_pick, eval_docs, eval_seq], [eval_status, job_id])
-
-    def reopen_when_done(checkpoint_id, last_done: int):
-        # An evaluation that finished refreshes the accuracy report of the open checkpoint.
-        done = sum(1 for j in queue.list_jobs(ctx.engine, status="done", limit=1000) if j.kind == "evaluate")
-        if done == last_done or checkpoint_id is None:
-            return gr.skip(), gr.skip(), done
-        evals = views.eval_frame(ctx.engine, int(checkpoint_id))
-        return _rounded(evals), plots_compare.accuracy_figure(evals), done
-
-    evals_seen = gr.State(-1)
-    timer.tick(
-        reopen_when_done, [ckpt_pick, evals_seen], [evals_df, evals_plot, evals_seen], show_progress="hidden"
-    )
+    wire_checkpoints_panel(ctx, checkpoints, timer=timer, job_id=job_id)

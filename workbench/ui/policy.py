@@ -25,8 +25,8 @@ from workbench.policy import (
     policy_from_dict,
     policy_to_yaml,
 )
+from workbench.ui.checkpoints_panel import checkpoint_choices
 from workbench.ui.common import TabHook, UIContext, user_error
-from workbench.ui.models_jobs import checkpoint_choices
 
 log = logging.getLogger(__name__)
 

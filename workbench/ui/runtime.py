@@ -16,8 +16,8 @@ import pandas as pd
 from workbench import chat_client, views, views_telemetry
 from workbench.runtime.serve import start_server
 from workbench.runtime.serve_config import ServeConfig
+from workbench.ui.checkpoints_panel import checkpoint_choices
 from workbench.ui.common import TabHook, UIContext, user_error
-from workbench.ui.models_jobs import checkpoint_choices
 
 log = logging.getLogger(__name__)
 
