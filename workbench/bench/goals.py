@@ -94,20 +94,19 @@ def _goal_row(goal, name, metric, where, flex, value, ref_label, ref, op, limit,
     )
 
 
-def _drift(df: pd.DataFrame, targets: pd.DataFrame, label: str | None, load: str, at: float, metric: str):
-    """Slower / faster of the measurements of `label`'s engine and its engine-order control at this
-    point; NaN unless both were measured."""
-    control_of = {
-        lab: of
-        for lab, of in zip(targets["label"], targets["control_of"], strict=True)
-        if isinstance(of, str)
+def _same_engines(targets: pd.DataFrame) -> dict[str, list[str]]:
+    """Label -> the labels measured on the same engine setup: a baseline and its engine-order controls."""
+    base = {
+        label: of if isinstance(of, str) else label
+        for label, of in zip(targets["label"], targets["control_of"], strict=True)
     }
-    base = control_of.get(label, label)
-    values = [
-        _value(df, lab, load, at, metric)
-        for lab in targets["label"]
-        if lab == base or control_of.get(lab) == base
-    ]
+    return {label: [other for other in base if base[other] == base[label]] for label in base}
+
+
+def _drift(df: pd.DataFrame, same_engine: list[str], load: str, at: float, metric: str) -> float:
+    """Slower / faster of the measurements of one engine setup (`_same_engines`) at this point; NaN
+    unless it was measured twice (first and control)."""
+    values = [_value(df, label, load, at, metric) for label in same_engine]
     values = [v for v in values if not math.isnan(v) and v > 0]
     return max(values) / min(values) if len(values) > 1 else math.nan
 
@@ -126,6 +125,7 @@ def goals(results: dict, flex_label: str | None = None, *, include_bf16: bool = 
         raise ValueError(f"no FlexQuant measurement is labelled {flex!r}; the FlexQuant labels are {labels}")
     candidates = {"best": _stock(targets, include_bf16=include_bf16), "w4a16": _stock(targets, "w4a16")}
     w8a8, bf16 = _stock(targets, "w8a8"), (_stock(targets, "bf16") or [None])[0]
+    same_engines = _same_engines(targets)
     loads = {"sweep": ("batch", "batch {:g}", "batches"), "online": ("rate", "rate {:g} req/s", "rates")}
     rows = []
     for goal, name, section, metric, reference, op, limit in GOALS:
@@ -137,7 +137,7 @@ def goals(results: dict, flex_label: str | None = None, *, include_bf16: bool = 
             labels = w8a8 if reference == "w8a8" else candidates[reference]
             ref_label, ref = _best(df, labels, load, at, metric, lowest=op == "<=")
             value = _value(df, flex, load, at, metric)
-            drift = _drift(df, targets, ref_label, load, at, metric)
+            drift = _drift(df, same_engines.get(ref_label, []), load, at, metric)
             rows.append(
                 _goal_row(goal, name, metric, where.format(at), flex, value, ref_label, ref, op, limit, drift)
             )
