@@ -290,6 +290,23 @@ def test_policies_name_the_int4_kernel_the_flex_engine_loads(tiny_ckpt):
     assert engine_config(replace(target, kernel=None), BenchSpec(), plain, 8100).kernels is None
 
 
+def test_prefill_graphs_give_every_engine_the_same_breakable_graph_settings(tiny_ckpt, tmp_path):
+    """Stock and FlexQuant engines prefill the same way; off, prefill runs eagerly as before."""
+    flex = Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[fixed_policy("w8a8")])
+    stock = Target(label="w8a8", kind="stock", checkpoint=tiny_ckpt, variant="w8a8")
+    spec = BenchSpec(batches=(1, 4, 16), prefill_graphs=True)
+    configs = [engine_config(t, spec, fixed_policy("w8a8"), 8100) for t in (flex, stock)]
+    assert configs[0].compilation_config == configs[1].compilation_config
+    graphs = configs[0].compilation_config
+    assert graphs["mode"] == 0 and graphs["cudagraph_mode"] == "FULL_AND_PIECEWISE"
+    sizes = graphs["cudagraph_capture_sizes"]
+    assert sizes == sorted(set(sizes)) and {1, 16, 1024, 2048, 4096, 8192} <= set(sizes)
+    assert max(b - a for a, b in zip(sizes, sizes[1:], strict=False) if b <= 2048) <= 64
+    eager = engine_config(flex, BenchSpec(batches=(1, 4, 16)), fixed_policy("w8a8"), 8100)
+    assert eager.compilation_config == {
+        "mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
+
+
 def test_auto_policy_is_tuned_within_the_kernel_the_given_policies_fixed(tiny_ckpt, tmp_path):
     """On the H100 sample the tuner prefers Marlin; an engine fixed to Machete gets a Machete policy."""
     sample = report.load_results(Path(__file__).parent / "data" / "bench-sample.json")

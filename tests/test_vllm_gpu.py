@@ -32,13 +32,23 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not _gpu_ready(), reason="needs an NVIDIA GPU and vLLM 0.26")]
 
 
+def _run_proof(tmp_path_factory, *flags: str, **env: str) -> dict:
+    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("out")
+    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", **env}
+    subprocess.run([sys.executable, str(ROOT / "scripts/gpu/flexquant_proof.py"), "all", "--work", str(work),
+                    "--out", str(out), *flags], env=env, check=True, timeout=1500)
+    return json.loads((out / "summary.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def proof(tmp_path_factory) -> dict:
-    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("out")
-    env = {**os.environ, "PROOF_STOCK_RUNS": "w8a8,w4a16-marlin", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    subprocess.run([sys.executable, str(ROOT / "scripts/gpu/flexquant_proof.py"), "all", "--work", str(work),
-                    "--out", str(out)], env=env, check=True, timeout=1500)
-    return json.loads((out / "summary.json").read_text())
+    return _run_proof(tmp_path_factory, PROOF_STOCK_RUNS="w8a8,w4a16-marlin")
+
+
+@pytest.fixture(scope="module")
+def graph_proof(tmp_path_factory) -> dict:
+    """Prefill and mixed steps in breakable CUDA graphs, one bank per variant (stock w8a8 likewise)."""
+    return _run_proof(tmp_path_factory, "--skip-serve", PROOF_STOCK_RUNS="w8a8", PROOF_PREFILL_GRAPHS="1")
 
 
 def test_engines_ran(proof):
@@ -96,3 +106,17 @@ def test_vllm_serve_takes_the_int4_kernel_from_the_policy_hint(proof):
     # on Hopper vLLM picks Machete, so Marlin here means the policy's `kernel: marlin` hint took effect
     if "MacheteLinearKernel" in serve["log_kernels"]:
         assert any(o.startswith("variant w4a16 uses MarlinLinearKernel") for o in serve["kernel_overrides"])
+
+
+def test_prefill_graphs_give_stock_w8a8_tokens_and_replay_each_variants_bank(graph_proof):
+    assert "error" not in graph_proof, graph_proof.get("error")
+    assert graph_proof["compilation"]["cudagraph_mode"] == "FULL_AND_PIECEWISE"
+    assert graph_proof["token_equality_vs_stock"]["w8a8"] == {"b1": True, "b8": True, "chunked": True}
+    tel = graph_proof["telemetry"]
+    assert tel["mismatches"] == []  # every step's executed kernels = the chosen bank's, per `decide`
+    switch = tel["by_policy"]["switch-at-3"]
+    for key in ("prefill/w8a8/graph", "decode/w4a16/graph", "decode/w8a8/graph"):
+        assert switch.get(key), (key, switch)
+    assert not any(key.endswith("/eager") for key in switch), switch  # every step fits a captured size
+    for name in ("all-w4a16", "switch-at-3", "pinned-0-9"):  # the pins re-capture both kinds of graphs
+        assert tel[f"{name}_applied_at_step"] == tel[f"{name}_first_telemetry_step"], name

@@ -64,6 +64,16 @@ def test_command_carries_every_setting_and_env(ckpt, tmp_path):
     assert env[vllm_plugin.ENV_KERNELS] == "w4a16=marlin"
 
 
+def test_piecewise_graphs_turn_on_vllms_breakable_graphs(ckpt, tmp_path):
+    """Without torch.compile vLLM 0.26 would drop PIECEWISE, and with it every CUDA graph, silently."""
+    _, env = build_vllm_command(cfg_for(ckpt, tmp_path), "python3")
+    assert "VLLM_USE_BREAKABLE_CUDAGRAPH" not in env
+    graphs = {"mode": 0, "cudagraph_mode": "FULL_AND_PIECEWISE", "cudagraph_capture_sizes": [1, 2, 512]}
+    argv, env = build_vllm_command(cfg_for(ckpt, tmp_path, compilation_config=graphs), "python3")
+    assert env["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1"
+    assert json.loads(argv[argv.index("--compilation-config") + 1]) == graphs
+
+
 def test_the_policys_kernel_hint_picks_the_int4_kernel_unless_kernels_are_given(ckpt, tmp_path):
     """vLLM would load Machete on Hopper; a tuned policy saying `kernel: marlin` must get Marlin."""
     hinted = policy_from_dict({"name": "tuned", "prefill": "w8a8", "decode": [

@@ -83,6 +83,14 @@ def bench(
     warmup: Annotated[
         float, typer.Option("--warmup", help="Seconds of load before each policy is measured.")
     ] = 3.0,
+    prefill_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--prefill-graphs",
+            help="Run prefill and mixed steps in vLLM's breakable CUDA graphs in every engine (default: "
+            "eagerly; decode is in CUDA graphs either way).",
+        ),
+    ] = False,
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
     ] = None,
@@ -133,6 +141,7 @@ def bench(
             repeats_small=max(3, repeats),
             repeats_large=repeats,
             warmup_s=warmup,
+            prefill_graphs=prefill_graphs,
         )
         targets = []
         for item in baseline or []:

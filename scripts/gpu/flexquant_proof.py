@@ -27,6 +27,12 @@ from workbench.runtime import vllm_plugin  # noqa: E402
 
 CAPTURE_SIZES = [1, 2, 4, 8, 16]
 COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": CAPTURE_SIZES}
+# PROOF_PREFILL_GRAPHS=1: prefill and mixed steps (up to the 256-token chunk) in breakable graphs too,
+# in the stock engines as in the FlexQuant one
+PREFILL_GRAPHS = os.environ.get("PROOF_PREFILL_GRAPHS") == "1"
+if PREFILL_GRAPHS:
+    COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_AND_PIECEWISE",
+                   "cudagraph_capture_sizes": [*CAPTURE_SIZES, 32, 64, 128, 256]}
 # Decode batches of 1..3 -> w4a16; 3 is deliberately NOT a capture size (batch 3 replays size 4).
 SWITCHING = {"name": "switch-at-3", "prefill": "w8a8",
              "decode": [{"max_batch": 3, "variant": "w4a16"}, {"variant": "w8a8"}]}
@@ -37,7 +43,7 @@ FLEX_KERNELS = os.environ.get("PROOF_FLEX_KERNELS", "w4a16=marlin")
 STOCK_RUNS = os.environ.get("PROOF_STOCK_RUNS", "w8a8,w4a16-marlin,w4a16").split(",")
 BASE_ENV = {"VLLM_PLUGINS": "flexquant", "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_V2_MODEL_RUNNER": "1",
             "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "VLLM_DISABLE_COMPILE_CACHE": "1"}
+            "VLLM_DISABLE_COMPILE_CACHE": "1", "VLLM_USE_BREAKABLE_CUDAGRAPH": "1" if PREFILL_GRAPHS else "0"}
 
 
 def log(msg: str) -> None:
@@ -241,7 +247,7 @@ def main_ckpts(work: Path) -> None:
 def main_all(work: Path, outdir: Path, skip_serve: bool) -> None:
     work.mkdir(parents=True, exist_ok=True)
     outdir.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "compilation": COMPILATION}
     try:
         import torch
         import vllm

@@ -21,7 +21,11 @@ new banks: they are re-captured between two steps (seconds). Cost: capture time 
 x number of variants (decode graphs are small). torch.compile (compilation mode != 0) would trace
 `apply` once with its guards dropped and bake one variant into every size, so it is refused; use
 `{"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}`: decode runs in graphs, prefill/mixed steps
-run eagerly (H100 baseline: 2-5% TPOT vs compile + graphs, prefill unchanged).
+run eagerly (H100 baseline: 2-5% TPOT vs compile + graphs, prefill unchanged). Prefill and mixed
+steps can run in graphs too, without torch.compile: vLLM's breakable CUDA graphs
+(VLLM_USE_BREAKABLE_CUDAGRAPH=1, `"cudagraph_mode": "FULL_AND_PIECEWISE"`) capture everything but
+attention, which runs eagerly between graph segments. Those captures live in the manager's
+`breakable_cg_runner.entries`, so a bank is the pair (FULL graphs, breakable entries).
 
 Telemetry (rank 0, env FLEXQUANT_TELEMETRY): one JSON line per real step (`vllm_state`), with
 `cudagraph` (replayed a bank?) and `executed` (variants whose kernels ran: recorded by `apply` in
@@ -57,7 +61,8 @@ class _Runtime:
     def __init__(self) -> None:
         self.installed = False
         self.started = False
-        self.banks: dict[str, dict] = {}  # variant -> that variant's {BatchExecutionDescriptor: graph}
+        # variant -> ({BatchExecutionDescriptor: FULL graph}, {BatchDescriptor: breakable entry})
+        self.banks: dict[str, tuple[dict, dict]] = {}
         self.bank_executed: dict[str, set[str]] = {}
         self.bank_layers: object = None  # the policy's layer pins the banks were captured with
         self.graph_used = False
@@ -136,7 +141,7 @@ class _Runtime:
         prefill, decode = (so.total_num_scheduled_tokens, 0) if dummy else self.composition(so)
         variant = STATE.choose(prefill, decode)
         if self.banks:
-            runner.cudagraph_manager.graphs = self.banks[variant]
+            _use_bank(runner.cudagraph_manager, self.banks[variant])
         self.graph_used = False
         self._open = None
         if real and self.telemetry is not None and not self.telemetry.paused:
@@ -163,36 +168,47 @@ class _Runtime:
         if manager is None or not manager.needs_capture():
             return original(runner)
         if not getattr(manager, "_flexquant_wrapped", False):
-            replay = manager.run_fullgraph
-
-            def run_fullgraph(desc):
-                self.graph_used = True
-                return replay(desc)
-
-            manager.run_fullgraph = run_fullgraph
-            manager._flexquant_wrapped = True
+            self._mark_replays(manager)
         total, banks, executed = 0, {}, {}
         for variant in STATE.variants:
             STATE.force(variant)
             expected = set(STATE.plan or [variant])
-            manager.graphs = {}
+            _use_bank(manager, ({}, {}))
             total += original(runner) or 0  # no thread of ours makes CUDA calls (global capture mode)
-            banks[variant], executed[variant] = manager.graphs, set(STATE.executed)
+            banks[variant], executed[variant] = _bank_of(manager), set(STATE.executed)
             if executed[variant] != expected:
                 raise FlexQuantError(f"FlexQuant: graphs for {variant!r} captured kernels of "
                                      f"{sorted(executed[variant])}, expected {sorted(expected)}")
         self.banks, self.bank_executed, self.bank_layers = banks, executed, STATE.policy.layers
-        manager.graphs = banks[STATE.policy.prefill]
+        _use_bank(manager, banks[STATE.policy.prefill])
         STATE.force(STATE.policy.prefill)
-        logger.info("FlexQuant captured %d graphs in each of %d banks %s",
-                    len(manager.graphs), len(banks), list(banks))
+        full, pieces = banks[STATE.policy.prefill]
+        logger.info("FlexQuant captured %d full and %d breakable graphs in each of %d banks %s",
+                    len(full), len(pieces), len(banks), list(banks))
         return total
+
+    def _mark_replays(self, manager) -> None:
+        """Note in `graph_used` that a step replayed graphs (FULL or breakable): no Python ran in `apply`."""
+        replay_full, run_pieces = manager.run_fullgraph, manager.run_pw_graph
+
+        def run_fullgraph(desc):
+            self.graph_used = True
+            return replay_full(desc)
+
+        def run_pw_graph(model, model_inputs):
+            # breakable graphs replay captured segments (an entry captured earlier); compiled piecewise
+            # graphs never get here, FlexQuant refuses torch.compile
+            self.graph_used = manager.use_breakable_cg
+            return run_pieces(model, model_inputs)
+
+        manager.run_fullgraph, manager.run_pw_graph = run_fullgraph, run_pw_graph
+        manager._flexquant_wrapped = True
 
     def recapture(self, runner) -> None:
         """New layer pins: drop the banks and capture again, between two steps."""
         started = time.perf_counter()
         torch.cuda.synchronize()  # nothing in flight may still read the buffers capture overwrites
-        runner.cudagraph_manager.graphs = {}
+        _use_bank(runner.cudagraph_manager, ({}, {}))
         self.banks = {}
         runner.capture_model()
         logger.info("FlexQuant re-captured graph banks for new layer pins in %.1f s",
@@ -200,6 +216,18 @@ class _Runtime:
 
 
 RUNTIME = _Runtime()
+
+
+def _use_bank(manager, bank: tuple[dict, dict]) -> None:
+    """Point vLLM's graph manager at one variant's graphs: FULL graphs and, if on, breakable captures."""
+    manager.graphs = bank[0]
+    if manager.breakable_cg_runner is not None:
+        manager.breakable_cg_runner.entries = bank[1]
+
+
+def _bank_of(manager) -> tuple[dict, dict]:
+    pieces = manager.breakable_cg_runner
+    return manager.graphs, (pieces.entries if pieces is not None else {})
 
 
 def install_runner_hooks(variants: list[str], default_policy: dict | None) -> None:

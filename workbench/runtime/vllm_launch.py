@@ -148,6 +148,10 @@ def build_vllm_command(cfg, python: str) -> tuple[list[str], dict[str, str]]:
     kernels = getattr(cfg, "kernels", None) or (kernel_hints(cfg.policy) if is_flex else None)
     if kernels:
         env[vllm_plugin.ENV_KERNELS] = ",".join(f"{v}={k}" for v, k in sorted(kernels.items()))
+    if "PIECEWISE" in str(compilation.get("cudagraph_mode", "")).upper():
+        # without torch.compile vLLM has piecewise graphs only as breakable graphs; lacking this switch
+        # it would silently turn every CUDA graph off, decode's included
+        env["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"
     env.update(getattr(cfg, "extra_env", None) or {})
     return argv, env
 
