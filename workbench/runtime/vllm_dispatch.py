@@ -196,8 +196,15 @@ class _Runtime:
             return replay_full(desc)
 
         def run_pw_graph(model, model_inputs):
-            # breakable graphs replay captured segments (an entry captured earlier); compiled piecewise
-            # graphs never get here, FlexQuant refuses torch.compile
+            from vllm.forward_context import get_forward_context
+
+            pieces = manager.breakable_cg_runner
+            if pieces is not None and get_forward_context().batch_descriptor not in pieces.entries:
+                # this bank has no breakable graphs (dropped by a live layer-pin change): op by op
+                self.graph_used = False
+                return model(**model_inputs)
+            # breakable graphs replay captured segments; compiled piecewise graphs never get here,
+            # FlexQuant refuses torch.compile
             self.graph_used = manager.use_breakable_cg
             return run_pieces(model, model_inputs)
 
@@ -205,14 +212,27 @@ class _Runtime:
         manager._flexquant_wrapped = True
 
     def recapture(self, runner) -> None:
-        """New layer pins: drop the banks and capture again, between two steps."""
+        """New layer pins: drop the banks and capture again, between two steps.
+
+        Breakable (prefill) graphs are not captured again: in a running engine torch 2.11's capture of
+        their segments fails (CachingHostAllocator assert, seen on the H100 with vLLM 0.26), so after
+        a pin change prefill and mixed steps run op by op until the engine restarts."""
+        from vllm.config import CUDAGraphMode
+
         started = time.perf_counter()
         torch.cuda.synchronize()  # nothing in flight may still read the buffers capture overwrites
-        _use_bank(runner.cudagraph_manager, ({}, {}))
+        manager = runner.cudagraph_manager
+        _use_bank(manager, ({}, {}))
         self.banks = {}
-        runner.capture_model()
-        logger.info("FlexQuant re-captured graph banks for new layer pins in %.1f s",
-                    time.perf_counter() - started)
+        pieces = manager._capture_descs.pop(CUDAGraphMode.PIECEWISE, None)
+        try:
+            runner.capture_model()
+        finally:
+            if pieces is not None:
+                manager._capture_descs[CUDAGraphMode.PIECEWISE] = pieces
+        logger.info("FlexQuant re-captured graph banks for new layer pins in %.1f s%s",
+                    time.perf_counter() - started,
+                    "; prefill graphs dropped, prefill runs eagerly until a restart" if pieces else "")
 
 
 RUNTIME = _Runtime()
