@@ -66,6 +66,7 @@ class _Runtime:
         self.bank_executed: dict[str, set[str]] = {}
         self.bank_layers: object = None  # the policy's layer pins the banks were captured with
         self.graph_used = False
+        self.capturing = False  # inside `capture`: breakable graphs are being recorded, not replayed
         self.prompt_lens: dict[str, int] = {}
         self.telemetry: StepTelemetry | None = None
         self.watcher: PolicyWatcher | None = None
@@ -169,6 +170,22 @@ class _Runtime:
             return original(runner)
         if not getattr(manager, "_flexquant_wrapped", False):
             self._mark_replays(manager)
+        self.capturing = True
+        try:
+            total, banks, executed = self._capture_banks(runner, original)
+        finally:
+            self.capturing = False
+        self.banks, self.bank_executed, self.bank_layers = banks, executed, STATE.policy.layers
+        _use_bank(manager, banks[STATE.policy.prefill])
+        STATE.force(STATE.policy.prefill)
+        full, pieces = banks[STATE.policy.prefill]
+        logger.info("FlexQuant captured %d full and %d breakable graphs in each of %d banks %s",
+                    len(full), len(pieces), len(banks), list(banks))
+        return total
+
+    def _capture_banks(self, runner, original) -> tuple[int, dict, dict]:
+        """Run vLLM's capture once per variant, that variant forced, each into an empty bank."""
+        manager = runner.cudagraph_manager
         total, banks, executed = 0, {}, {}
         for variant in STATE.variants:
             STATE.force(variant)
@@ -179,13 +196,7 @@ class _Runtime:
             if executed[variant] != expected:
                 raise FlexQuantError(f"FlexQuant: graphs for {variant!r} captured kernels of "
                                      f"{sorted(executed[variant])}, expected {sorted(expected)}")
-        self.banks, self.bank_executed, self.bank_layers = banks, executed, STATE.policy.layers
-        _use_bank(manager, banks[STATE.policy.prefill])
-        STATE.force(STATE.policy.prefill)
-        full, pieces = banks[STATE.policy.prefill]
-        logger.info("FlexQuant captured %d full and %d breakable graphs in each of %d banks %s",
-                    len(full), len(pieces), len(banks), list(banks))
-        return total
+        return total, banks, executed
 
     def _mark_replays(self, manager) -> None:
         """Note in `graph_used` that a step replayed graphs (FULL or breakable): no Python ran in `apply`."""
@@ -199,7 +210,8 @@ class _Runtime:
             from vllm.forward_context import get_forward_context
 
             pieces = manager.breakable_cg_runner
-            if pieces is not None and get_forward_context().batch_descriptor not in pieces.entries:
+            missing = pieces is not None and get_forward_context().batch_descriptor not in pieces.entries
+            if missing and not self.capturing:
                 # this bank has no breakable graphs (dropped by a live layer-pin change): op by op
                 self.graph_used = False
                 return model(**model_inputs)
