@@ -302,7 +302,8 @@ def test_prefill_graphs_give_every_engine_the_same_breakable_graph_settings(tiny
     sizes = graphs["cudagraph_capture_sizes"]
     assert sizes == sorted(set(sizes)) and {1, 16, 1024, 2048, 4096, 8192} <= set(sizes)
     assert max(b - a for a, b in zip(sizes, sizes[1:], strict=False) if b <= 2048) <= 64
-    eager = engine_config(flex, BenchSpec(batches=(1, 4, 16)), fixed_policy("w8a8"), 8100)
+    eager_spec = BenchSpec(batches=(1, 4, 16), prefill_graphs=False)
+    eager = engine_config(flex, eager_spec, fixed_policy("w8a8"), 8100)
     assert eager.compilation_config == {
         "mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
 

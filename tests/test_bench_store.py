@@ -20,6 +20,7 @@ from workbench.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h200/results.json"
 SAMPLE = ROOT / "tests/data/bench-sample.json"
+GRAPH_ROUNDS = "docs/benchmarks/2026-11-26-llama3-8b-h100-prefill-graphs/rounds"
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +148,10 @@ def test_bench_views_ignore_other_runs_and_explain_missing_ones(db_engine) -> No
 def test_describe_bench_run() -> None:
     text = views_bench.describe_bench_run(load_results(H200))
     assert text.startswith("**complete** run of 2026-11-26 01:35 UTC on NVIDIA H200 (vLLM 0.26.0)")
-    assert "batches [1, 4, 16, 64, 128], rates [4.0, 12.0, 24.0] req/s" in text
+    assert "batches [1, 4, 16, 64, 128], rates [4.0, 12.0, 24.0] req/s; prefill eager." in text
     assert "Command: `flexquant " in text
+    graphs = load_results(ROOT / f"{GRAPH_ROUNDS}/round-1-graphs.json")
+    text = views_bench.describe_bench_run(graphs)
+    assert "batches [1, 4, 16], rates [4.0] req/s; prefill in CUDA graphs." in text
     failed = {**load_results(H200), "status": "failed", "errors": ["target bf16: engine did not start"]}
     assert "- error: target bf16: engine did not start" in views_bench.describe_bench_run(failed)

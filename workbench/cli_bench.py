@@ -86,11 +86,11 @@ def bench(
     prefill_graphs: Annotated[
         bool,
         typer.Option(
-            "--prefill-graphs",
-            help="Run prefill and mixed steps in vLLM's breakable CUDA graphs in every engine (default: "
-            "eagerly; decode is in CUDA graphs either way).",
+            "--prefill-graphs/--eager-prefill",
+            help="Prefill and mixed steps in vLLM's breakable CUDA graphs in every engine, or op by op "
+            "(slower to measure: host launch noise). Decode is in CUDA graphs either way.",
         ),
-    ] = False,
+    ] = True,
     time_budget: Annotated[
         float | None, typer.Option("--time-budget", help="Start no new engine after this many seconds.")
     ] = None,

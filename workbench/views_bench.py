@@ -94,7 +94,8 @@ def describe_bench_run(results: dict) -> str:
     lines = [
         f"**{results.get('status', '?')}** run of {when} on {machine.get('gpu') or 'no GPU'} "
         f"(vLLM {machine.get('vllm') or '-'}); prompt {spec.get('prompt_len')} tokens, "
-        f"batches {spec.get('batches')}, rates {spec.get('rates')} req/s."
+        f"batches {spec.get('batches')}, rates {spec.get('rates')} req/s; prefill "
+        f"{'in CUDA graphs' if spec.get('prefill_graphs') else 'eager'}."
     ]
     if results.get("command"):
         lines.append(f"Command: `{results['command']}`")

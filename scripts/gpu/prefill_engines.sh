@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Goal 1 at small batch, across engines (docs/benchmarks/README.md "Run 7"): the batch-1 prefill of one
 # and the same stock W8A8 checkpoint moves by up to 1.5x from one engine start to the next, so one
-# FlexQuant engine against one W8A8 engine cannot resolve a 3% goal. This starts one round (per word of MODES) of
-# three engines -- stock W8A8, FlexQuant (tuned policy), stock W8A8 again (--control) -- each measuring
+# FlexQuant engine against one W8A8 engine cannot resolve a 3% goal. This starts one round per word of
+# MODES, of three engines -- stock W8A8, FlexQuant (tuned policy), stock W8A8 again (--control) -- each measuring
 # the prefill of batches 1, 4 and 16 (REPEATS times) and a short 4 req/s window; scripts/engine_spread.py
 # then compares the per-engine medians of all rounds. Resumable like bench_8b.sh: a call that runs out
 # of time stops between engines, the next call (same machine) goes on.
-# MODES names each round's prefill: "eager" (vLLM runs prefill/mixed steps op by op) or "graphs"
-# (--prefill-graphs: breakable CUDA graphs, every engine alike); GPU clocks, power and throttle reasons
+# MODES names each round's prefill: "graphs" (bench's default: breakable CUDA graphs, every engine
+# alike) or "eager" (--eager-prefill: op by op, as in runs 1-7); GPU clocks, power and throttle reasons
 # are logged every 250 ms (read only) next to the rounds.
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/prefill_engines.sh   # repeat
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SHAPES=${SHAPES:-llama3-8b}
 WORK=${WORK:-/tmp/fq}
-MODES=${MODES:-eager eager eager eager}
+MODES=${MODES:-graphs graphs graphs graphs}
 REPEATS=${REPEATS:-5}
 HARD_STOP=${HARD_STOP:-570}   # seconds from this script's start
 export VLLM_USE_FLASHINFER_SAMPLER=0
@@ -36,7 +36,7 @@ i=0
 for mode in $MODES; do
   i=$((i + 1))
   res=/tmp/fqpe/round-$i-$mode
-  flag=""; [ "$mode" = graphs ] && flag="--prefill-graphs"
+  flag="--prefill-graphs"; [ "$mode" = eager ] && flag="--eager-prefill"
   if [ -f "$res/results.json" ] && grep -q '"status": "complete"' "$res/results.json"; then continue; fi
   left=$(( HARD_STOP - $(elapsed) ))
   if [ "$left" -lt 90 ]; then echo "round $i: $left s left, next call goes on"; break; fi

@@ -59,9 +59,11 @@ class BenchSpec:
     seed: int = 0
     runtime: str = "vllm"  # "vllm" | "cpu" (the CPU reference: tests and demos, no stock baselines)
     gpu_memory_utilization: float = 0.85
-    # Prefill and mixed steps in vLLM's breakable CUDA graphs (attention eager, the rest replayed)
-    # instead of eagerly, in every engine; decode is in full graphs either way.
-    prefill_graphs: bool = False
+    # Prefill and mixed steps in vLLM's breakable CUDA graphs (attention eager, the rest replayed), in
+    # every engine; off, they run op by op, and the host's launch time moved the batch-1 prefill of one
+    # and the same W8A8 engine by up to 1.5x (docs/benchmarks/README.md, runs 6-8). Decode is in full
+    # graphs either way.
+    prefill_graphs: bool = True
     cpu_threads: int = 2
     port: int = 8100
 
