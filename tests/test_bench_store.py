@@ -20,7 +20,7 @@ from workbench.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 H200 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h200/results.json"
 SAMPLE = ROOT / "tests/data/bench-sample.json"
-GRAPH_ROUNDS = "docs/benchmarks/2026-11-26-llama3-8b-h100-prefill-graphs/rounds"
+GRAPH_ROUNDS = "docs/benchmarks/2026-11-26-llama3-8b-h100-prefill-graphs/machine-1/rounds"
 
 
 @pytest.fixture(autouse=True)

@@ -430,3 +430,31 @@ def test_bench_control_needs_a_baseline_to_repeat(data_dir: Path, tmp_path: Path
     merged.mkdir()
     r = cli(data_dir, "bench", "--checkpoint", str(merged), "--control", "--runtime", "cpu")
     assert r.exit_code != 0 and "--control repeats the first --baseline" in r.output
+
+
+def test_serve_prefill_graphs_reaches_the_vllm_command(tmp_path, monkeypatch):
+    """`serve --prefill-graphs` gives vLLM breakable prefill graphs; without it decode-only graphs. The
+    server start is intercepted after the real `vllm serve` command is built (no GPU here; the engine
+    side runs in tests/test_vllm_gpu.py)."""
+    from tests.test_flexmodel import build_tiny_checkpoints
+    from workbench.runtime import serve as serve_mod
+    from workbench.runtime.vllm_launch import build_vllm_command
+
+    data_dir = tmp_path / "data"
+    merged, _ = build_tiny_checkpoints(data_dir / "checkpoints")
+    commands = []
+
+    def build_then_stop(cfg, **_):
+        commands.append(build_vllm_command(cfg, "python3"))
+        raise RuntimeError("stopped after building the command")
+
+    monkeypatch.setattr(serve_mod, "start_server", build_then_stop)
+    for flags in ([], ["--prefill-graphs"]):
+        r = cli(data_dir, "serve", str(merged), "--runtime", "vllm", *flags)
+        assert r.exit_code != 0 and "stopped after building the command" in str(r.exception)
+    (plain_argv, plain_env), (graph_argv, graph_env) = commands
+    modes = [json.loads(argv[argv.index("--compilation-config") + 1])["cudagraph_mode"]
+             for argv in (plain_argv, graph_argv)]
+    assert modes == ["FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
+    assert "VLLM_USE_BREAKABLE_CUDAGRAPH" not in plain_env
+    assert graph_env["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1"

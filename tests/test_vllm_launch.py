@@ -14,7 +14,13 @@ import pytest
 
 from workbench.policy import DEFAULT_POLICY, PolicyError, fixed_policy, policy_from_dict
 from workbench.runtime import vllm_plugin
-from workbench.runtime.vllm_launch import build_vllm_command, diagnose_vllm_log, probe_vllm, vllm_available
+from workbench.runtime.vllm_launch import (
+    build_vllm_command,
+    diagnose_vllm_log,
+    graph_compilation,
+    probe_vllm,
+    vllm_available,
+)
 from workbench.runtime.vllm_state import EngineState, PolicyWatcher, StepTelemetry, initial_policy
 
 SWITCH = {"name": "switch-at-3", "prefill": "w8a8", "decode": [{"max_batch": 3, "variant": "w4a16"},
@@ -68,7 +74,8 @@ def test_piecewise_graphs_turn_on_vllms_breakable_graphs(ckpt, tmp_path):
     """Without torch.compile vLLM 0.26 would drop PIECEWISE, and with it every CUDA graph, silently."""
     _, env = build_vllm_command(cfg_for(ckpt, tmp_path), "python3")
     assert "VLLM_USE_BREAKABLE_CUDAGRAPH" not in env
-    graphs = {"mode": 0, "cudagraph_mode": "FULL_AND_PIECEWISE", "cudagraph_capture_sizes": [1, 2, 512]}
+    graphs = graph_compilation(True)
+    assert graphs["cudagraph_mode"] == "FULL_AND_PIECEWISE" and graphs["mode"] == 0
     argv, env = build_vllm_command(cfg_for(ckpt, tmp_path, compilation_config=graphs), "python3")
     assert env["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1"
     assert json.loads(argv[argv.index("--compilation-config") + 1]) == graphs

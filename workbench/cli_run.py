@@ -169,12 +169,21 @@ def serve(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the server to be healthy.")
     ] = 600,
+    prefill_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--prefill-graphs",
+            help="vLLM: prefill and mixed steps in CUDA graphs too (faster, steadier TTFT; ~25 s more "
+            "start-up and ~1.3 GiB per variant for an 8B model).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a checkpoint (vLLM on a GPU, else the CPU reference) until Ctrl-C."""
     serve_mod = import_backend("workbench.runtime.serve", "serve")
     from workbench.ckpt_format import read_flexquant_config
     from workbench.policy import DEFAULT_POLICY, policy_from_dict
     from workbench.runtime.serve_config import ServeConfig
+    from workbench.runtime.vllm_launch import graph_compilation
 
     st = state(ctx)
     folder, _ = resolve_checkpoint(ctx, checkpoint)
@@ -191,6 +200,7 @@ def serve(
         runtime=runtime,
         gpu_memory_utilization=gpu_memory_utilization,
         tensor_parallel_size=tensor_parallel_size,
+        compilation_config=graph_compilation(True) if prefill_graphs else None,
     )
     handle = serve_mod.start_server(cfg, engine=st.engine(), settings=st.settings)
     try:

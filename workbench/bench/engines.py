@@ -17,6 +17,7 @@ from pathlib import Path
 from workbench import ckpt_format as fmt
 from workbench.policy import Policy, fixed_policy, kernel_hints
 from workbench.runtime.serve_config import ServeConfig
+from workbench.runtime.vllm_launch import graph_compilation
 
 __all__ = [
     "BASELINE_NAMES",
@@ -37,10 +38,6 @@ BASELINE_NAMES = {
     "fp8": ("fp8", None),
 }
 DISABLE_OTHER_INT4 = {"marlin": "MacheteLinearKernel", "machete": "MarlinLinearKernel"}
-CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
-# Token counts of prefill and mixed steps captured when `prefill_graphs` is on: a step pads up to the
-# next size (at most 64 tokens up to 2048, 512 above), a step beyond the last runs eagerly.
-PREFILL_CAPTURE_SIZES = [*range(320, 2048 + 1, 64), *range(2560, 8192 + 1, 512)]
 
 
 @dataclass(frozen=True)
@@ -166,25 +163,12 @@ def engine_config(target: Target, spec: BenchSpec, policy: Policy, port: int) ->
         served_model_name="bench",
         stock=target.kind == "stock",
         kernels=kernels,
-        compilation_config=compilation_config(spec),
+        compilation_config=graph_compilation(spec.prefill_graphs, spec.max_batch),
         max_num_seqs=max(spec.max_batch, 16),
         max_model_len=spec.max_model_len,
         extra_args=("--no-enable-prefix-caching",),
         extra_env=env or None,
     )
-
-
-def compilation_config(spec: BenchSpec) -> dict:
-    """vLLM's compilation settings for every engine of `spec`: no torch.compile (FlexQuant chooses its
-    variant in Python each step), decode in full CUDA graphs, prefill eager or in breakable graphs."""
-    sizes = [s for s in CAPTURE_SIZES if s <= max(spec.max_batch, 1)] or [1]
-    if not spec.prefill_graphs:
-        return {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
-    return {
-        "mode": 0,
-        "cudagraph_mode": "FULL_AND_PIECEWISE",
-        "cudagraph_capture_sizes": sorted({*CAPTURE_SIZES, *PREFILL_CAPTURE_SIZES}),
-    }
 
 
 _LOADED = re.compile(r"Model loading took ([0-9.]+) GiB")

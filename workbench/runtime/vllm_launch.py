@@ -25,6 +25,22 @@ from workbench.runtime import vllm_plugin
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+DECODE_CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+# Token counts of prefill and mixed steps captured with prefill graphs: a step pads up to the next size
+# (at most 64 tokens up to 2048, 512 above), a step beyond the last runs op by op.
+PREFILL_CAPTURE_SIZES = [*range(320, 2048 + 1, 64), *range(2560, 8192 + 1, 512)]
+
+
+def graph_compilation(prefill_graphs: bool, max_batch: int = 256) -> dict:
+    """vLLM compilation settings FlexQuant can run: no torch.compile (the variant is chosen in Python each
+    step), decode in full CUDA graphs up to `max_batch`, prefill and mixed steps op by op or, with
+    `prefill_graphs`, in vLLM's breakable graphs (everything but attention replayed; +1.3 GiB and ~25 s
+    of capture per variant for Llama-3-8B on an H100, docs/benchmarks/README.md run 8)."""
+    if not prefill_graphs:
+        sizes = [s for s in DECODE_CAPTURE_SIZES if s <= max(max_batch, 1)] or [1]
+        return {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
+    sizes = sorted({*DECODE_CAPTURE_SIZES, *PREFILL_CAPTURE_SIZES})
+    return {"mode": 0, "cudagraph_mode": "FULL_AND_PIECEWISE", "cudagraph_capture_sizes": sizes}
 MIDDLEWARE = "workbench.runtime.vllm_plugin.PolicyMiddleware"
 PLUGIN_NAME = "flexquant"
 
