@@ -107,6 +107,7 @@ def test_start_runtime_and_chat(page, app):
     choose(page, "fq-rt-ckpt", CKPT)
     expect(page.locator("#fq-rt-policy input")).to_have_value("pd-batch-aware")
     page.locator("#fq-rt-kind").get_by_text("cpu", exact=True).click()
+    expect(page.locator("#fq-rt-prefill-graphs input")).not_to_be_checked()  # vLLM only, opt-in
     fill_number(page, "fq-rt-port", free_port())
     page.locator("#fq-rt-start").click()
     expect(page.locator("#fq-rt-status")).to_contain_text("Running", timeout=180_000)
