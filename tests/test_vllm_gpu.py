@@ -48,7 +48,7 @@ def proof(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def graph_proof(tmp_path_factory) -> dict:
     """Prefill and mixed steps in breakable CUDA graphs, one bank per variant (stock w8a8 likewise)."""
-    return _run_proof(tmp_path_factory, "--skip-serve", PROOF_STOCK_RUNS="w8a8", PROOF_PREFILL_GRAPHS="1")
+    return _run_proof(tmp_path_factory, PROOF_STOCK_RUNS="w8a8", PROOF_PREFILL_GRAPHS="1")
 
 
 def test_engines_ran(proof):
@@ -124,3 +124,15 @@ def test_prefill_graphs_give_stock_w8a8_tokens_and_replay_each_variants_bank(gra
     pinned = tel["by_policy"]["pinned-0-9"]
     assert pinned.get("decode/w4a16/graph") and pinned.get("prefill/w4a16/eager", 0) == 0, pinned
     assert pinned.get("prefill/w8a8/eager"), pinned
+
+
+def test_vllm_serve_with_prefill_graphs_takes_live_policies(graph_proof):
+    """`vllm serve` with the settings of `flexquant serve --prefill-graphs`: prefill replays graphs, live
+    edits apply at their acknowledged step, and after the pin change prefill runs op by op."""
+    serve = graph_proof["serve"]
+    assert "failed" not in serve, serve.get("failed")
+    assert serve["env"]["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1" and serve["completion"]["status"] == 200
+    for key in ("live_all-w4a16", "live_serve-pinned"):
+        live = serve[key]
+        assert live["status"] == 200 and live["first_step"] == live["response"]["applied_at_step"]
+    assert serve["prefill_steps"]["graph"] > 0 and serve["prefill_steps"]["eager"] > 0, serve["prefill_steps"]

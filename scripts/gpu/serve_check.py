@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from workbench.policy import fixed_policy, policy_from_dict  # noqa: E402
-from workbench.runtime.vllm_launch import build_vllm_command, diagnose_vllm_log  # noqa: E402
+from workbench.runtime.vllm_launch import build_vllm_command, diagnose_vllm_log, graph_compilation  # noqa: E402
 
 PORT = 8123
-COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
+# PROOF_PREFILL_GRAPHS=1 (as in flexquant_proof.py): the settings of `flexquant serve --prefill-graphs`
+COMPILATION = graph_compilation(os.environ.get("PROOF_PREFILL_GRAPHS") == "1", max_batch=16)
 
 
 def http(method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
@@ -120,6 +121,10 @@ def serve_check(ckpt: Path, work: Path, outdir: Path) -> dict:
         for t in threads:
             t.join(timeout=70)
         res["stats"] = http("GET", "/flexquant/stats")[1]
+        steps = telemetry_rows(tel)
+        prefills = [r for r in steps if r["num_prefill_tokens"]]
+        res["prefill_steps"] = {"graph": sum(r["cudagraph"] for r in prefills),
+                                "eager": sum(not r["cudagraph"] for r in prefills)}
         res["log_kernels"] = sorted({w for line in logf.read_text().splitlines() for w in line.split()
                                      if w.endswith("LinearKernel")})
         # vLLM first logs its own pick (Machete on Hopper); the plugin then logs its override
