@@ -25,6 +25,8 @@ from workbench.runtime import vllm_plugin
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+MIDDLEWARE = "workbench.runtime.vllm_plugin.PolicyMiddleware"
+PLUGIN_NAME = "flexquant"
 DECODE_CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
 # Token counts of prefill and mixed steps captured with prefill graphs: a step pads up to the next size
 # (at most 64 tokens up to 2048, 512 above), a step beyond the last runs op by op.
@@ -41,8 +43,7 @@ def graph_compilation(prefill_graphs: bool, max_batch: int = 256) -> dict:
         return {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": sizes}
     sizes = sorted({*DECODE_CAPTURE_SIZES, *PREFILL_CAPTURE_SIZES})
     return {"mode": 0, "cudagraph_mode": "FULL_AND_PIECEWISE", "cudagraph_capture_sizes": sizes}
-MIDDLEWARE = "workbench.runtime.vllm_plugin.PolicyMiddleware"
-PLUGIN_NAME = "flexquant"
+
 
 _PROBE = r"""
 import importlib.metadata as md, importlib.util, json, sys
