@@ -98,31 +98,20 @@ def batch_composition_figure(steps: pd.DataFrame) -> go.Figure:
     for variant in sorted(steps["variant"].unique()):
         part = steps[steps["variant"] == variant]
         marker = dict(color=variant_color(variant), size=6)
-        fig.add_trace(
-            go.Scatter(
-                x=part["t_s"],
-                y=part["num_decode_reqs"],
-                mode="markers",
-                name=variant,
-                legendgroup=variant,
-                marker=marker,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=part["t_s"],
-                y=part["num_prefill_tokens"],
-                mode="markers",
-                name=variant,
-                legendgroup=variant,
-                marker=marker,
-                showlegend=False,
-            ),
-            row=2,
-            col=1,
-        )
+        for row, column in ((1, "num_decode_reqs"), (2, "num_prefill_tokens")):
+            fig.add_trace(
+                go.Scatter(
+                    x=part["t_s"],
+                    y=part[column],
+                    mode="markers",
+                    name=variant,
+                    legendgroup=variant,
+                    marker=marker,
+                    showlegend=row == 1,  # one legend entry per variant
+                ),
+                row=row,
+                col=1,
+            )
     fig.update_layout(title=title, **{**LAYOUT, "height": 380})
     fig.update_yaxes(rangemode="tozero")
     fig.update_xaxes(title="time since run start (s)", row=2, col=1)

@@ -14,26 +14,20 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from storage.models import Run
+from workbench.views_telemetry import json_object
 
 __all__ = ["BENCH_RUN_COLUMNS", "bench_run_choices", "bench_results", "bench_runs", "describe_bench_run"]
 
 BENCH_RUN_COLUMNS = ["id", "started", "status", "gpu", "labels"]
 
 
-def _json_dict(text: str | None) -> dict:
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
 
 def _bench_summary(run: Run) -> tuple[str, str]:
     """(gpu, labels) of a bench run. The GPU is in the run's small config (since 2026-11-26, also
     while it still measures); older rows have it only in their results (~100 KB to parse)."""
-    gpu = _json_dict(run.config_json).get("gpu")
+    gpu = json_object(run.config_json).get("gpu")
     if not gpu:
-        machine = _json_dict(run.result_json).get("machine")
+        machine = json_object(run.result_json).get("machine")
         gpu = machine.get("gpu") if isinstance(machine, dict) else None
     runtime = "CPU reference runtime" if run.runtime == "cpu" else "?"
     return str(gpu or runtime), run.policy_name.replace(",", ", ")

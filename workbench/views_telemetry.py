@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 from storage.models import RequestRecord, Run, StepRecord
 
 __all__ = [
+    "json_object",
     "steps_frame",
     "requests_frame",
     "request_record",
@@ -53,19 +54,22 @@ def _run_start(session: Session, run_id: int) -> float:
     return run.started_at if run is not None else 0.0
 
 
-def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFrame:
-    """The last `last` engine steps of a run in step order, with `t_s` and `phase` ("prefill" when the
-    step had prefill tokens, else "decode") added."""
+def _last_rows(engine: Engine, table, order, run_id: int, last: int) -> tuple[float, list]:
+    """(the run's start time, its last `last` rows of `table` by `order`, oldest first)."""
     with Session(engine) as session:
         start = _run_start(session, run_id)
         rows = session.exec(
-            select(StepRecord)
-            .where(StepRecord.run_id == run_id)
-            .order_by(col(StepRecord.step).desc())
-            .limit(last)
+            select(table).where(table.run_id == run_id).order_by(col(order).desc()).limit(last)
         ).all()
+    return start, list(reversed(rows))
+
+
+def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFrame:
+    """The last `last` engine steps of a run in step order, with `t_s` and `phase` ("prefill" when the
+    step had prefill tokens, else "decode") added."""
+    start, rows = _last_rows(engine, StepRecord, StepRecord.step, run_id, last)
     df = pd.DataFrame(
-        [r.model_dump() for r in reversed(rows)],
+        [r.model_dump() for r in rows],
         columns=[c for c in STEP_COLUMNS if c not in ("t_s", "phase")],
     )
     df["t_s"] = df["ts"] - start
@@ -76,29 +80,23 @@ def steps_frame(engine: Engine, run_id: int, *, last: int = 3000) -> pd.DataFram
 def requests_frame(engine: Engine, run_id: int, *, last: int = 1000) -> pd.DataFrame:
     """The last `last` requests of a run by arrival, `t_s` = finish time since the run started (NaN
     while running), `variant_mix` = {variant: share of its decode steps}."""
-    with Session(engine) as session:
-        start = _run_start(session, run_id)
-        rows = session.exec(
-            select(RequestRecord)
-            .where(RequestRecord.run_id == run_id)
-            .order_by(col(RequestRecord.id).desc())
-            .limit(last)
-        ).all()
+    start, rows = _last_rows(engine, RequestRecord, RequestRecord.id, run_id, last)
     records = []
-    for r in reversed(rows):
+    for r in rows:
         item = r.model_dump()
         item["t_s"] = r.finished_ts - start if r.finished_ts is not None else float("nan")
-        item["variant_mix"] = _parse_mix(r.variant_mix_json)
+        item["variant_mix"] = json_object(r.variant_mix_json)
         records.append(item)
     return pd.DataFrame(records, columns=REQUEST_COLUMNS)
 
 
-def _parse_mix(text: str | None) -> dict:
+def json_object(text: str | None) -> dict:
+    """A JSON text column read as a dict; {} when empty, damaged or not an object."""
     try:
-        mix = json.loads(text or "{}")
+        value = json.loads(text or "{}")
     except json.JSONDecodeError:
         return {}
-    return mix if isinstance(mix, dict) else {}
+    return value if isinstance(value, dict) else {}
 
 
 def request_record(engine: Engine, request_id: str) -> dict | None:
@@ -113,7 +111,7 @@ def request_record(engine: Engine, request_id: str) -> dict | None:
     if row is None:
         return None
     item = row.model_dump()
-    item["variant_mix"] = _parse_mix(row.variant_mix_json)
+    item["variant_mix"] = json_object(row.variant_mix_json)
     return item
 
 

@@ -23,6 +23,11 @@ H100_RUN6 = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h100-control/results.js
 SAMPLE = ROOT / "tests/data/bench-sample.json"
 
 
+def reopen_compare(page) -> None:
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("tab", name="Compare").click()
+
+
 def import_results(app, path: Path) -> str:
     done = subprocess.run(
         [
@@ -51,8 +56,7 @@ def test_imported_benchmark_results_in_compare_tab(page, app):
 
     assert "stored as bench run" in import_results(app, H200)
     assert "stored as bench run" in import_results(app, SAMPLE)  # no start time: stored as newest
-    page.get_by_role("tab", name="Chat").click()
-    page.get_by_role("tab", name="Compare").click()  # opening the tab lists the new runs
+    reopen_compare(page)  # opening the tab lists the new runs
     expect(page.locator("#fq-bench-info")).to_contain_text("on NVIDIA H100 80GB HBM3")  # newest shown
     expect(page.locator("#fq-bench-headline")).to_contain_text("No FlexQuant measurement in this run")
 
@@ -78,8 +82,7 @@ def test_imported_benchmark_results_in_compare_tab(page, app):
     # a run with streamed batches: the batch-TPOT chart shows the per-request TPOT
     expect(page.locator("#fq-bench-sweep-tpot_ms .js-plotly-plot")).not_to_contain_text("per request")
     assert "stored as bench run" in import_results(app, H100_RUN5)
-    page.get_by_role("tab", name="Chat").click()
-    page.get_by_role("tab", name="Compare").click()
+    reopen_compare(page)
     choose(page, "fq-bench-run", "w4a16-machete, flex:auto")
     expect(info).to_contain_text("on NVIDIA H100 80GB HBM3")
     expect(headline).to_contain_text("TPOT <= 1.03x best single variant (per request)")
@@ -89,8 +92,7 @@ def test_imported_benchmark_results_in_compare_tab(page, app):
 
     # a run with an engine-order control: its drift is reported, and a miss inside it is named so
     assert "stored as bench run" in import_results(app, H100_RUN6)
-    page.get_by_role("tab", name="Chat").click()
-    page.get_by_role("tab", name="Compare").click()
+    reopen_compare(page)
     choose(page, "fq-bench-run", "w8a8-control")
     expect(headline).to_contain_text("Engine-order control: w8a8 measured again after FlexQuant")
     expect(headline).to_contain_text("NOT met (1 of 2 misses within engine drift)")

@@ -200,6 +200,8 @@ class _Runtime:
 
     def _mark_replays(self, manager) -> None:
         """Note in `graph_used` that a step replayed graphs (FULL or breakable): no Python ran in `apply`."""
+        from vllm.forward_context import get_forward_context
+
         replay_full, run_pieces = manager.run_fullgraph, manager.run_pw_graph
 
         def run_fullgraph(desc):
@@ -207,8 +209,6 @@ class _Runtime:
             return replay_full(desc)
 
         def run_pw_graph(model, model_inputs):
-            from vllm.forward_context import get_forward_context
-
             pieces = manager.breakable_cg_runner
             missing = pieces is not None and get_forward_context().batch_descriptor not in pieces.entries
             if missing and not self.capturing:
