@@ -102,6 +102,12 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
         # last minus first TTFT of each streamed burst: 0 for one request, never negative
         spreads = row["ttft_spread_ms_samples"]
         assert len(spreads) == 3 and all(s >= 0 for s in spreads) and (row["batch"] > 1 or spreads == [0] * 3)
+        # each request's TTFT, per burst; the mean is the median over bursts of each burst's mean
+        bursts = row["ttft_ms_requests"]
+        assert [len(b) for b in bursts] == [row["batch"]] * 3, bursts
+        assert [max(b) - min(b) for b in bursts] == pytest.approx(spreads, abs=0.02)  # kept to 0.01 ms
+        burst_means = sorted(sum(b) / len(b) for b in bursts)
+        assert row["ttft_mean_ms"] == pytest.approx(burst_means[1], abs=0.01)
     assert [r["label"] for r in results["online"]] == labels
     for row in results["online"]:
         assert row["completed"] == row["requests"] > 0 and row["errors"] == 0, row

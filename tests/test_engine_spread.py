@@ -3,6 +3,7 @@ under docs/benchmarks/: run 7's four rounds of W8A8, FlexQuant, W8A8 again, and 
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -59,6 +60,18 @@ def test_verdict_needs_every_round_on_one_side_of_the_goal():
     assert engine_spread.spread_verdict(0.95, 1.02) == "met"
     assert engine_spread.spread_verdict(1.04, 1.2) == "NOT met"
     assert engine_spread.spread_verdict(0.9, 1.1).startswith("not resolved")
+
+
+def test_mean_ttft_joins_the_table_where_a_round_recorded_it(engines):
+    # rounds before run 9 have no `ttft_mean_ms`: no such rows, not NaN ones
+    assert not engines["where"].str.contains("TTFT mean").any()
+    results = copy.deepcopy(report.load_results(ROUNDS[0]))
+    means = {"w8a8": 30.0, "flex": 33.0, "w8a8-control": 40.0}
+    for row in results["sweep"]:
+        row["ttft_mean_ms"] = means[row["target"]] * row["batch"]
+    ratios = engine_spread.aba_ratios(engine_spread.engine_ttfts([("r", results)])).set_index("where")
+    assert {f"batch {b}, TTFT mean" for b in (1, 4, 16)} <= set(ratios.index)
+    assert ratios.loc["batch 4, TTFT mean", "ratio"] == pytest.approx(33.0 / math.sqrt(30.0 * 40.0))
 
 
 def test_a_full_run_with_control_counts_only_w8a8_engines_as_stock():

@@ -54,7 +54,10 @@ timeout -s INT $(( HARD_STOP - ($(date +%s) - t0) )) python3 -m workbench.cli --
 echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s"
 mkdir -p "$OUT/bench" "$OUT/logs"
 cp "$RES/results.json" "$OUT/bench/"
-for f in "$DATA"/logs/run-*.log; do [ -f "$f" ] && gzip -c "$f" > "$OUT/logs/$(basename "$f").gz"; done
+# engine logs, and FlexQuant's per-step telemetry (which variant ran each step, its tokens)
+for f in "$DATA"/logs/run-*.log "$DATA"/logs/run-*-steps.jsonl; do
+  [ -f "$f" ] && gzip -c "$f" > "$OUT/logs/$(basename "$f").gz"
+done
 python3 - "$RES/results.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -27,7 +27,7 @@ STATUSES = ("complete", "interrupted", "failed")
 TARGET_TEXT = "label kind variant kernel checkpoint error control_of".split()
 TARGET_NUMBERS = "weight_memory_gib weight_bytes_b1 engine_start_s".split()
 ROW_TEXT = "label target kind policy".split()
-SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms tpot_req_p50_ms".split()
+SWEEP_NUMBERS = "batch prefill_s decode_s tpot_ms ttft_p50_ms ttft_mean_ms tpot_req_p50_ms".split()
 ONLINE_NUMBERS = (
     "rate requests completed errors duration_s output_throughput_tok_s request_throughput".split()
 )
