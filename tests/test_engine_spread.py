@@ -53,13 +53,28 @@ def test_summary_reports_the_spread_and_leaves_straddling_rounds_unresolved(engi
     # measured: the W8A8 engines' batch-1 prefill spans 22.9-40.9 ms, the rounds' ratio 0.78-1.28
     assert b1["stock_max_ms"] / b1["stock_min_ms"] > 1.5 and b1["ratio_min"] < 1.03 < b1["ratio_max"]
     table = engine_spread.spread_markdown(engines)
-    assert table.count("\n") == 2 + len(summary) and "not resolved (rounds on both sides)" in table
+    assert table.count("\n") == 2 + len(summary) and "not resolved (interval across the goal)" in table
+    # four rounds: no pair of order statistics reaches 95%, so the interval is the range (87.5%)
+    assert (b1["ratio_ci_low"], b1["ratio_ci_high"]) == (b1["ratio_min"], b1["ratio_max"])
+    assert b1["ratio_ci_coverage"] == pytest.approx(1 - 2 / 16) and "87.5%]" in table
 
 
-def test_verdict_needs_every_round_on_one_side_of_the_goal():
+def test_verdict_needs_the_whole_interval_on_one_side_of_the_goal():
     assert engine_spread.spread_verdict(0.95, 1.02) == "met"
     assert engine_spread.spread_verdict(1.04, 1.2) == "NOT met"
     assert engine_spread.spread_verdict(0.9, 1.1).startswith("not resolved")
+
+
+def test_median_interval_takes_the_order_statistics_that_cover_95_percent():
+    rounds = [1.12, 0.94, 1.04, 0.98, 1.00, 0.99, 0.97, 1.01, 1.02, 0.96]  # 10 rounds, shuffled
+    # P(Binomial(10, 1/2) <= 1) = 11/1024 on each side: x(2)..x(9) covers 97.9%; x(3)..x(8) only 89%
+    assert engine_spread.median_interval(rounds) == (0.96, 1.04, pytest.approx(1 - 22 / 1024))
+    # one outlying round moves the range, not the interval
+    assert engine_spread.median_interval([3.0, *rounds[1:]])[:2] == (0.96, 1.04)
+    assert engine_spread.median_interval(rounds[:5]) == (0.94, 1.12, pytest.approx(1 - 2 / 32))
+    assert engine_spread.median_interval(rounds, level=0.8)[:2] == (0.97, 1.02)
+    with pytest.raises(ValueError, match="at least one"):
+        engine_spread.median_interval([])
 
 
 def test_mean_ttft_joins_the_table_where_a_round_recorded_it(engines):
