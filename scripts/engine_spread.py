@@ -1,9 +1,11 @@
 """Goal 1 across engine starts: compare FlexQuant's TTFT with the stock W8A8 engines around it over
 several rounds of `flexquant bench --control` (workbench/bench/engine_spread.py says how).
 
-    python scripts/engine_spread.py ROUND.json [ROUND.json ...] [--markdown OUT.md]
+    python scripts/engine_spread.py ROUND.json [ROUND.json ...] [--markdown OUT.md] [--splits]
 
-Prints the per-round A-B-A ratios and the summary table; --markdown also writes the table (atomically).
+Prints the per-round A-B-A ratios and the summary table; --markdown also writes the table (atomically);
+--splits also prints how the streamed bursts were split over engine steps, per engine kind, with the
+TTFT at each split (rounds that kept each request's TTFT, since run 10).
 """
 
 # ruff: noqa: T201  (a script: printing is its output)
@@ -16,7 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.bench.engine_spread import aba_ratios, engine_ttfts, spread_markdown  # noqa: E402
+from workbench.bench.engine_spread import (  # noqa: E402
+    aba_ratios,
+    burst_splits,
+    engine_ttfts,
+    split_summary,
+    spread_markdown,
+)
 from workbench.bench.report import ResultsError, load_results  # noqa: E402
 from workbench.bench.report_html import write_text_atomic  # noqa: E402
 
@@ -28,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", default="w8a8", help="the stock label FlexQuant is compared with")
     parser.add_argument("--markdown", type=Path, help="also write the summary table here")
+    parser.add_argument(
+        "--splits", action="store_true", help="also print the streamed bursts' first-step splits"
+    )
     args = parser.parse_args(argv)
     try:
         rounds = [(str(path), load_results(path)) for path in args.results]
@@ -44,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.markdown:
         print(f"wrote {write_text_atomic(args.markdown, table)}")
+    if args.splits:
+        splits = split_summary(burst_splits(rounds))
+        print(splits.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not splits.empty
+              else "no round kept each streamed request's TTFT (ttft_ms_requests): no splits")
     return 0
 
 

@@ -89,6 +89,29 @@ def test_mean_ttft_joins_the_table_where_a_round_recorded_it(engines):
     assert ratios.loc["batch 4, TTFT mean", "ratio"] == pytest.approx(33.0 / math.sqrt(30.0 * 40.0))
 
 
+def test_burst_splits_compare_engines_at_the_same_first_step():
+    results = copy.deepcopy(report.load_results(ROUNDS[0]))
+    # batch 4: the first step took 1 request (the rest ~60 ms later) or 2 (within 8 ms of each other)
+    bursts = {
+        "w8a8": [[20.0, 80.0, 81.0, 82.0], [20.0, 25.0, 80.0, 81.0]],
+        "w8a8-control": [[22.0, 27.0, 83.0, 84.0]],
+        "flex": [[21.0, 82.0, 83.0, 84.0], [21.0, 83.0, 84.0, 85.0]],
+    }
+    for row in results["sweep"]:
+        row["ttft_ms_requests"] = bursts[row["target"]] if row["batch"] == 4 else []
+    splits = engine_spread.burst_splits([("r", results)])
+    assert len(splits) == 5 and set(splits["baseline"]) == {"w8a8", "flex"}  # the control counts as W8A8
+    assert sorted(splits[splits["engine"] == "flex"]["first_step"]) == [1, 1]
+    summary = engine_spread.split_summary(splits).set_index(["baseline", "first_step"])
+    w8a8_two = summary.loc[("w8a8", 2)]
+    assert w8a8_two["bursts"] == 2 and w8a8_two["share"] == pytest.approx(2 / 3)
+    assert summary.loc[("flex", 1), "share"] == 1.0
+    # same split, same timing: the mean of [20, 80, 81, 82] is 65.75, its median 80.5
+    assert summary.loc[("w8a8", 1), ["mean_ms", "p50_ms", "last_ms"]].tolist() == [65.75, 80.5, 82.0]
+    before_run_10 = engine_spread.burst_splits([("old", report.load_results(ROUNDS[1]))])
+    assert engine_spread.split_summary(before_run_10).empty
+
+
 def test_a_full_run_with_control_counts_only_w8a8_engines_as_stock():
     engines = engine_spread.engine_ttfts([("run 6", report.load_results(RUN6))])
     ratios = engine_spread.aba_ratios(engines).set_index("where")
@@ -107,6 +130,13 @@ def test_script_prints_the_table_and_writes_it(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert out.read_text() in done.stdout and "| batch 16, TTFT p50 |" in out.read_text()
+    splits = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/engine_spread.py"), str(ROUNDS[0]), "--splits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert splits.returncode == 0 and "no round kept each streamed request's TTFT" in splits.stdout
     bad = subprocess.run(
         [sys.executable, str(ROOT / "scripts/engine_spread.py"), str(ROOT / "README.md")],
         capture_output=True,

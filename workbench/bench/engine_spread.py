@@ -9,7 +9,8 @@ linear in time cancels); over rounds the median of those ratios is the estimate,
 distribution-free confidence interval from its order statistics (`median_interval`), and the spread
 of the W8A8 engines shows the noise it has to stand out of. The goal is judged on that interval, not
 on the single worst round: with rounds this noisy, "every round within 3%" fails more often the more
-rounds are run, whatever the true ratio.
+rounds are run, whatever the true ratio. `burst_splits` shows why a streamed burst's median TTFT is
+a poor engine metric: it jumps with how many requests the engine's first step caught.
 
 Pure functions of loaded results dicts (`workbench.bench.report.load_results`).
 """
@@ -17,6 +18,7 @@ Pure functions of loaded results dicts (`workbench.bench.report.load_results`).
 from __future__ import annotations
 
 import math
+import statistics
 
 import pandas as pd
 
@@ -53,6 +55,43 @@ def engine_ttfts(rounds: list[tuple[str, dict]]) -> pd.DataFrame:
                         where = f"{load} {getattr(row, load):g}, {metric}"
                         rows.append((name, position, target.label, baseline, target.kind, where, value))
     return pd.DataFrame(rows, columns=ENGINE_COLUMNS)
+
+
+def burst_splits(rounds: list[tuple[str, dict]], same_step_ms: float = 8.0) -> pd.DataFrame:
+    """One row per streamed burst that kept each request's TTFT (`ttft_ms_requests`, since run 10):
+    `first_step` = how many requests got their first token within `same_step_ms` of the burst's first
+    (the engine's first step took them; a 1024-token prefill step takes ~20 ms), and the burst's
+    mean, median and last TTFT. A burst's median moves with `first_step`, not with how fast it ran."""
+    rows = []
+    for name, results in rounds:
+        control_of = {t["label"]: t.get("control_of") for t in results["targets"]}
+        for row in results["sweep"]:
+            engine = row["target"]
+            for burst in row.get("ttft_ms_requests") or []:
+                if not burst:
+                    continue
+                b = sorted(burst)
+                first_step = sum(1 for t in b if t < b[0] + same_step_ms)
+                baseline = control_of.get(engine) or engine
+                rows.append((name, engine, baseline, row["batch"], first_step, statistics.fmean(b),
+                             statistics.median(b), b[-1]))
+    columns = ["round", "engine", "baseline", "batch", "first_step", "mean_ms", "p50_ms", "last_ms"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def split_summary(splits: pd.DataFrame) -> pd.DataFrame:
+    """Per batch, engine kind (a control counts as its baseline) and first-step size: how many bursts,
+    their share of that kind's bursts at that batch, and the median of their mean / p50 / last TTFT --
+    so engines are compared at the same split, and the split's own share is visible."""
+    if splits.empty:
+        return pd.DataFrame(columns=["batch", "baseline", "first_step", "bursts", "share",
+                                     "mean_ms", "p50_ms", "last_ms"])
+    grouped = splits.groupby(["batch", "baseline", "first_step"])
+    out = grouped[["mean_ms", "p50_ms", "last_ms"]].median()
+    out.insert(0, "bursts", grouped.size())
+    per_kind = out.groupby(level=["batch", "baseline"])["bursts"].transform("sum")
+    out.insert(1, "share", out["bursts"] / per_kind)
+    return out.reset_index()
 
 
 def aba_ratios(engines: pd.DataFrame, baseline: str = "w8a8") -> pd.DataFrame:
