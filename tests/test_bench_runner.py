@@ -116,6 +116,10 @@ def test_bench_measures_every_target_tunes_a_policy_and_records_it(tiny_ckpt, tm
     shares = {(r["label"], r["batch"]): r["variant_share"] for r in results["sweep"]}
     assert shares[("w8a8:all-w8a8", 3)] == {"w8a8": 1.0} and shares[("w4a16:all-w4a16", 1)] == {"w4a16": 1.0}
     assert set(shares[("flex:pd", 1)]) == {"w8a8", "w4a16"}
+    # each measurement's wall-clock window, in order, to find its steps in the telemetry
+    windows = [r["window"] for r in results["sweep"] + results["online"]]
+    assert all(t0 < t1 for t0, t1 in windows)
+    assert results["sweep"][1]["window"][0] >= results["sweep"][0]["window"][1]
     # the tuned policy is stored with its evidence, and named in the results
     tuned = results["autotune"]
     with Session(db) as s:

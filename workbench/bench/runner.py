@@ -113,6 +113,7 @@ def _measure_target(
         steps = measure.recorded_steps(handle) if windows else []
         for row, t0, t1 in windows:
             row["variant_share"] = measure.variant_share(steps, t0, t1)
+            row["window"] = [round(t0, 3), round(t1, 3)]  # wall clock: to find its steps in telemetry
         save()
 
 
