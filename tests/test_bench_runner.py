@@ -312,10 +312,21 @@ def test_prefill_graphs_give_every_engine_the_same_breakable_graph_settings(tiny
     sizes = graphs["cudagraph_capture_sizes"]
     assert sizes == sorted(set(sizes)) and {1, 16, 1024, 2048, 4096, 8192} <= set(sizes)
     assert max(b - a for a, b in zip(sizes, sizes[1:], strict=False) if b <= 2048) <= 64
-    eager_spec = BenchSpec(batches=(1, 4, 16), prefill_graphs=False)
+    eager_spec = BenchSpec(batches=(1, 4, 16), rates=(), prefill_graphs=False)
     eager = engine_config(flex, eager_spec, fixed_policy("w8a8"), 8100)
     assert eager.compilation_config == {
         "mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": [1, 2, 4, 8, 16]}
+    assert eager.max_num_seqs == 16
+
+
+def test_online_loads_get_engine_room_beyond_the_sweeps_largest_batch(tiny_ckpt):
+    """A sweep to batch 16 with a 24 req/s load: ~30 requests in flight must not queue behind a cap
+    of 16 (run 11 measured TTFT p50 3.1 s that way); decode graphs cover the same range."""
+    flex = Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[fixed_policy("w8a8")])
+    for batches, rates, seqs in (((1, 4, 16), (24.0,), 256), ((1, 512), (24.0,), 512), ((1, 4), (), 16)):
+        config = engine_config(flex, BenchSpec(batches=batches, rates=rates), fixed_policy("w8a8"), 8100)
+        decode_sizes = [s for s in config.compilation_config["cudagraph_capture_sizes"] if s <= seqs]
+        assert config.max_num_seqs == seqs and max(decode_sizes) == seqs, (batches, rates, config)
 
 
 def test_auto_policy_is_tuned_within_the_kernel_the_given_policies_fixed(tiny_ckpt, tmp_path):
