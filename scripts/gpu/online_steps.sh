@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Goal 3 at 24 req/s (docs/benchmarks/README.md "Run 11"): where the serving time goes. One FlexQuant
 # engine serves the same Poisson load under the tuned policy and under `w8a8-only`, with FlexQuant's
-# per-step telemetry on, so scripts/step_mix.py can split the time into steps that carry a prefill
-# chunk (W8A8 under both policies: the fastest prefill) and decode-only steps, and compare the two
-# variants' decode steps at the same batch on the same engine. One device call after staging:
+# per-step telemetry on: the steps inside each online row's `window` split the time into steps that
+# carry a prefill chunk (W8A8 under both policies: the fastest prefill) and decode-only steps, and
+# compare the two variants' decode steps at the same batch on the same engine. Run 11 used it before
+# `flexquant bench` gave online loads room beyond the sweep's batches (its engine ran 16 requests at
+# once, so the load queued); it has not been run since. One device call after staging:
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/online_steps.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
