@@ -25,7 +25,7 @@ import pandas as pd
 from workbench.bench.report import frames
 
 # (section, load column, value column, scale to ms, name): the wall time of a closed batch's prefill
-# (the headline's batch TTFT), the p50 and mean TTFT of its streamed requests (the mean since run 9;
+# (the headline's batch TTFT), the p50 and mean TTFT of its streamed requests (the mean since run 10;
 # results before it have none, and their rows are left out), and the online p50 TTFT
 TTFT_METRICS = (
     ("sweep", "batch", "prefill_s", 1000.0, "prefill wall"),
@@ -70,11 +70,11 @@ def burst_splits(rounds: list[tuple[str, dict]], same_step_ms: float = 8.0) -> p
             for burst in row.get("ttft_ms_requests") or []:
                 if not burst:
                     continue
-                b = sorted(burst)
-                first_step = sum(1 for t in b if t < b[0] + same_step_ms)
+                ttfts = sorted(burst)
+                first_step = sum(1 for t in ttfts if t < ttfts[0] + same_step_ms)
                 baseline = control_of.get(engine) or engine
-                rows.append((name, engine, baseline, row["batch"], first_step, statistics.fmean(b),
-                             statistics.median(b), b[-1]))
+                rows.append((name, engine, baseline, row["batch"], first_step, statistics.fmean(ttfts),
+                             statistics.median(ttfts), ttfts[-1]))
     columns = ["round", "engine", "baseline", "batch", "first_step", "mean_ms", "p50_ms", "last_ms"]
     return pd.DataFrame(rows, columns=columns)
 

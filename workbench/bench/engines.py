@@ -29,9 +29,9 @@ __all__ = [
     "weight_memory_gib",
 ]
 
-# stock baseline name -> (variant, int4 kernel); the kernel is forced by disabling the other one.
 ONLINE_MAX_SEQS = 256  # vLLM's usual cap; online loads need room beyond the sweep's batches
 
+# stock baseline name -> (variant, int4 kernel); the kernel is forced by disabling the other one.
 BASELINE_NAMES = {
     "bf16": ("bf16", None),
     "w8a8": ("w8a8", None),
