@@ -77,7 +77,9 @@ def test_add_model_quantize_and_evaluate(page, app):
         "\n".join(f"Calibration document {i} about lighthouses and the sea." for i in range(8))
     )
     page.locator("#fq-calib-file input[type=file]").set_input_files(str(calibration))
-    expect(page.locator("#fq-calib-file")).to_contain_text("my-calibration.txt")
+    # Gradio writes the name as two spans, stem and extension, with a space between them in the markup;
+    # whether the text read back keeps it ("my-calibration .txt") has varied from run to run
+    expect(page.locator("#fq-calib-file")).to_contain_text(re.compile(r"my-calibration\s*\.txt"))
     fill_number(page, "fq-samples", 8)
     fill_number(page, "fq-seq-len", 64)
     page.locator("#fq-submit").click()
