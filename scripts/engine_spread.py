@@ -22,6 +22,7 @@ from workbench.bench.engine_spread import (  # noqa: E402
     aba_ratios,
     burst_splits,
     engine_ttfts,
+    first_step_contrast,
     split_summary,
     spread_markdown,
 )
@@ -56,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(f"wrote {write_text_atomic(args.markdown, table)}")
     if args.splits:
-        splits = split_summary(burst_splits(rounds))
-        print(splits.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not splits.empty
-              else "no round kept each streamed request's TTFT (ttft_ms_requests): no splits")
+        bursts = burst_splits(rounds)
+        if bursts.empty:
+            print("no round kept each streamed request's TTFT (ttft_ms_requests): no splits")
+        else:
+            print(split_summary(bursts).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+            print("\nbursts whose first step took 1 request, FlexQuant vs stock:")
+            contrast = first_step_contrast(bursts, stock=args.baseline)
+            print(contrast.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 

@@ -321,12 +321,18 @@ def test_prefill_graphs_give_every_engine_the_same_breakable_graph_settings(tiny
 
 def test_online_loads_get_engine_room_beyond_the_sweeps_largest_batch(tiny_ckpt):
     """A sweep to batch 16 with a 24 req/s load: ~30 requests in flight must not queue behind a cap
-    of 16 (run 11 measured TTFT p50 3.1 s that way); decode graphs cover the same range."""
+    of 16 (run 11 measured TTFT p50 3.1 s that way); decode graphs cover the same range (vLLM captures
+    full decode graphs up to max_num_seqs: run 10's engines, capped at 16, logged 5 of them)."""
     flex = Target(label="flex", kind="flex", checkpoint=tiny_ckpt, policies=[fixed_policy("w8a8")])
     for batches, rates, seqs in (((1, 4, 16), (24.0,), 256), ((1, 512), (24.0,), 512), ((1, 4), (), 16)):
         config = engine_config(flex, BenchSpec(batches=batches, rates=rates), fixed_policy("w8a8"), 8100)
         decode_sizes = [s for s in config.compilation_config["cudagraph_capture_sizes"] if s <= seqs]
         assert config.max_num_seqs == seqs and max(decode_sizes) == seqs, (batches, rates, config)
+    # op-by-op prefill: the capture list is the decode list alone, and it ends at the engine's cap
+    for rates, last in (((24.0,), 256), ((), 16)):
+        spec = BenchSpec(batches=(1, 4, 16), rates=rates, prefill_graphs=False)
+        assert engine_config(flex, spec, fixed_policy("w8a8"), 8100).compilation_config[
+            "cudagraph_capture_sizes"][-1] == last
 
 
 def test_auto_policy_is_tuned_within_the_kernel_the_given_policies_fixed(tiny_ckpt, tmp_path):

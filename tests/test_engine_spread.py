@@ -112,6 +112,24 @@ def test_burst_splits_compare_engines_at_the_same_first_step():
     assert engine_spread.split_summary(before_run_10).empty
 
 
+def test_fisher_exact_p_matches_the_textbook_tables():
+    assert engine_spread.fisher_exact_p(3, 1, 1, 3) == pytest.approx(0.4857, abs=1e-4)  # tea tasting
+    assert engine_spread.fisher_exact_p(10, 0, 0, 10) == pytest.approx(2 / math.comb(20, 10))
+    assert engine_spread.fisher_exact_p(5, 5, 5, 5) == 1.0
+
+
+def test_run_10_flexquant_bursts_started_with_one_request_more_often():
+    """Run 10's committed rounds (each streamed request's TTFT kept): the split counts in the README."""
+    rounds = ROOT / "docs/benchmarks/2026-11-26-llama3-8b-h100-prefill-graphs/machine-3/rounds"
+    paths = sorted(rounds.glob("*.json"))
+    splits = engine_spread.burst_splits([(p.stem, report.load_results(p)) for p in paths])
+    contrast = engine_spread.first_step_contrast(splits).set_index("where")
+    pooled = contrast.loc["batches > 1"]
+    assert (pooled["flex_hits"], pooled["flex_bursts"], pooled["stock_hits"], pooled["stock_bursts"]) == (
+        28, 50, 35, 100)
+    assert 0.02 < pooled["fisher_p"] < 0.025 and contrast.loc["batch 16", "flex_hits"] == 11
+
+
 def test_a_full_run_with_control_counts_only_w8a8_engines_as_stock():
     engines = engine_spread.engine_ttfts([("run 6", report.load_results(RUN6))])
     ratios = engine_spread.aba_ratios(engines).set_index("where")

@@ -36,6 +36,11 @@ TTFT_METRICS = (
 ENGINE_COLUMNS = ["round", "position", "engine", "baseline", "kind", "where", "ttft_ms"]
 
 
+def baseline_of(results: dict) -> dict[str, str]:
+    """Target label -> the stock label it measures (a control counts as its baseline) or its own."""
+    return {t["label"]: t.get("control_of") or t["label"] for t in results["targets"]}
+
+
 def engine_ttfts(rounds: list[tuple[str, dict]]) -> pd.DataFrame:
     """One row per (round, engine, metric at a batch or rate): the engine's TTFT in ms, a median over
     the point's repeats; `where` names load and metric ("batch 4, prefill wall"). `baseline` is the
@@ -44,9 +49,9 @@ def engine_ttfts(rounds: list[tuple[str, dict]]) -> pd.DataFrame:
     rows = []
     for name, results in rounds:
         fr = frames(results)
-        targets = fr["targets"]
-        for position, target in enumerate(targets.itertuples(index=False), start=1):
-            baseline = target.control_of if isinstance(target.control_of, str) else target.label
+        baselines = baseline_of(results)
+        for position, target in enumerate(fr["targets"].itertuples(index=False), start=1):
+            baseline = baselines[target.label]
             for section, load, column, scale, metric in TTFT_METRICS:
                 df = fr[section]
                 for row in df[df["target"] == target.label].itertuples(index=False):
@@ -64,7 +69,7 @@ def burst_splits(rounds: list[tuple[str, dict]], same_step_ms: float = 8.0) -> p
     mean, median and last TTFT. A burst's median moves with `first_step`, not with how fast it ran."""
     rows = []
     for name, results in rounds:
-        control_of = {t["label"]: t.get("control_of") for t in results["targets"]}
+        baselines = baseline_of(results)
         for row in results["sweep"]:
             engine = row["target"]
             for burst in row.get("ttft_ms_requests") or []:
@@ -72,9 +77,8 @@ def burst_splits(rounds: list[tuple[str, dict]], same_step_ms: float = 8.0) -> p
                     continue
                 ttfts = sorted(burst)
                 first_step = sum(1 for t in ttfts if t < ttfts[0] + same_step_ms)
-                baseline = control_of.get(engine) or engine
-                rows.append((name, engine, baseline, row["batch"], first_step, statistics.fmean(ttfts),
-                             statistics.median(ttfts), ttfts[-1]))
+                rows.append((name, engine, baselines[engine], row["batch"], first_step,
+                             statistics.fmean(ttfts), statistics.median(ttfts), ttfts[-1]))
     columns = ["round", "engine", "baseline", "batch", "first_step", "mean_ms", "p50_ms", "last_ms"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -92,6 +96,37 @@ def split_summary(splits: pd.DataFrame) -> pd.DataFrame:
     per_kind = out.groupby(level=["batch", "baseline"])["bursts"].transform("sum")
     out.insert(1, "share", out["bursts"] / per_kind)
     return out.reset_index()
+
+
+def fisher_exact_p(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher's exact test of the 2x2 table [[a, b], [c, d]]: the probability, with the
+    margins fixed, of a table no more likely than the one seen."""
+    row, col, n = a + b, a + c, a + b + c + d
+
+    def prob(x: int) -> float:
+        return math.comb(row, x) * math.comb(n - row, col - x) / math.comb(n, col)
+
+    seen = prob(a)
+    return min(1.0, sum(p for x in range(max(0, col - (n - row)), min(row, col) + 1)
+                        if (p := prob(x)) <= seen * (1 + 1e-9)))
+
+
+def first_step_contrast(splits: pd.DataFrame, flex: str = "flex", stock: str = "w8a8",
+                        first_step: int = 1) -> pd.DataFrame:
+    """Per batch (and all batches but 1 together): how many of the FlexQuant and the stock engines'
+    bursts had a first step of `first_step` requests, and Fisher's exact p for the difference."""
+    multi = splits[splits["batch"] > 1]
+    groups = [(f"batch {b}", part) for b, part in multi.groupby("batch")] + [("batches > 1", multi)]
+    rows = []
+    for where, part in groups:
+        hit = part["first_step"] == first_step
+        f, s = part["baseline"] == flex, part["baseline"] == stock
+        a, c = int((hit & f).sum()), int((hit & s).sum())
+        nf, ns = int(f.sum()), int(s.sum())
+        p = fisher_exact_p(a, nf - a, c, ns - c) if nf and ns else float("nan")
+        rows.append((where, a, nf, c, ns, p))
+    return pd.DataFrame(rows, columns=["where", "flex_hits", "flex_bursts", "stock_hits", "stock_bursts",
+                                       "fisher_p"])
 
 
 def aba_ratios(engines: pd.DataFrame, baseline: str = "w8a8") -> pd.DataFrame:

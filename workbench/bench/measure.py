@@ -68,16 +68,12 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
     """One closed batch of `batch` requests, `repeats` times: medians and every sample."""
     repeats = spec.repeats_small if batch <= 16 else spec.repeats_large
     # Alternate the two kinds of burst so a slow phase of the machine hits both, not one
-    prefills, fulls, ttfts, means, tpots, spreads, firsts = [], [], [], [], [], [], []
+    prefills, fulls, tpots, bursts = [], [], [], []  # bursts: each streamed request's TTFT, per burst
     for _ in range(repeats):
         prefills.append(client.burst(handle.base_url, "bench", prompts, batch, 1))
         wall, requests = client.burst_streamed(handle.base_url, "bench", prompts, batch, spec.output_len)
         fulls.append(wall)
-        first = [r.ttft_ms for r in requests if r.ttft_ms is not None]
-        firsts.append([round(t, 2) for t in first])
-        ttfts.append(median_or_none(first))
-        means.append(statistics.fmean(first) if first else None)
-        spreads.append(max(first) - min(first) if first else None)
+        bursts.append([r.ttft_ms for r in requests if r.ttft_ms is not None])
         tpots.append(median_or_none([r.tpot_ms for r in requests]))
     prefill, full = statistics.median(prefills), statistics.median(fulls)
     return {
@@ -88,10 +84,10 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
         "tpot_ms": (full - prefill) / (spec.output_len - 1) * 1000,
         # per request, as `vllm bench` reports TPOT: (last token - first token) / (tokens - 1); at
         # large batch with chunked prefill this one still measures decode, the wall method less so
-        "ttft_p50_ms": median_or_none(ttfts),
+        "ttft_p50_ms": median_or_none([median_or_none(b) for b in bursts]),
         # a burst's median jumps with how many requests its first step caught (run 8: +42 ms at batch
         # 16 for 1 of 16 instead of 2), its mean moves with every request; both: median over repeats
-        "ttft_mean_ms": median_or_none(means),
+        "ttft_mean_ms": median_or_none([statistics.fmean(b) if b else None for b in bursts]),
         "tpot_req_p50_ms": median_or_none(tpots),
         "repeats": repeats,
         # every sample, so a report can show the spread behind each median
@@ -100,8 +96,8 @@ def sweep_row(handle: ServerHandle, spec: BenchSpec, prompts: client.PromptSourc
         "tpot_req_p50_samples": tpots,
         # last minus first TTFT of a burst: near 0 when one step prefilled them all, a prefill step
         # more for each further step the scheduler split the burst over (requests arrive over ms)
-        "ttft_spread_ms_samples": spreads,
-        "ttft_ms_requests": firsts,  # per burst, each request's TTFT in ms
+        "ttft_spread_ms_samples": [max(b) - min(b) if b else None for b in bursts],
+        "ttft_ms_requests": [[round(t, 2) for t in b] for b in bursts],  # per burst, each request's TTFT
         "variant_share": {},
     }
 
