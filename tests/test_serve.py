@@ -345,7 +345,7 @@ def test_vllm_step_lines_are_imported_as_step_records(db_engine, tmp_path):
     second = dict(line, step=1, num_prefill_tokens=0, num_decode_reqs=2, variant="w4a16")
     path.write_text(json.dumps(line) + "\nnot json\n" + json.dumps(second)[:20])  # last line half-written
     importer = _StepsImporter(path, TelemetryWriter(db_engine, run_id))
-    importer._read_new()
+    importer.read_new()
     with path.open("a") as f:
         f.write(json.dumps(second)[20:] + "\n")
     importer.stop()

@@ -5,7 +5,8 @@
 # carry a prefill chunk (W8A8 under both policies: the fastest prefill) and decode-only steps, and
 # compare the two variants' decode steps at the same batch on the same engine. Run 11 used it before
 # `flexquant bench` gave online loads room beyond the sweep's batches (its engine ran 16 requests at
-# once, so the load queued); it has not been run since. One device call after staging:
+# once, so the load queued). Runs 12-13 measured this split with scripts/gpu/paired_engines.sh, which
+# also runs stock W8A8 beside it; this script is kept as run 11's record. One device call after staging:
 #   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/online_steps.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."

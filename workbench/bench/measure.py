@@ -14,12 +14,23 @@ from workbench.bench import client
 from workbench.bench.engines import BenchSpec
 from workbench.runtime.serve import ServerHandle
 
-__all__ = ["median_or_none", "online_row", "recorded_steps", "sweep_row", "variant_share", "warm_up"]
+__all__ = [
+    "median_or_none",
+    "online_row",
+    "recorded_steps",
+    "step_rows",
+    "sweep_row",
+    "variant_share",
+    "warm_up",
+]
 
 
-def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
-    """(time, variant) of every engine step the server recorded: the vLLM plugin's JSONL telemetry,
-    or the CPU runtime's StepRecord rows. Read once per engine, after it stopped."""
+STEP_FIELDS = ("ts", "variant", "duration_ms", "num_prefill_tokens", "num_decode_reqs")
+
+
+def step_rows(handle: ServerHandle) -> list[dict]:
+    """Every engine step the server recorded, as {STEP_FIELDS}: the vLLM plugin's JSONL telemetry, or
+    the CPU runtime's StepRecord rows. Read once per engine, after it stopped."""
     if handle.runtime == "vllm":
         path = handle.steps_file
         if path is None or not path.exists():
@@ -28,7 +39,7 @@ def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                steps.append((float(rec["ts"]), str(rec["variant"])))
+                steps.append({k: rec[k] for k in STEP_FIELDS} | {"ts": float(rec["ts"])})
             except (ValueError, KeyError, TypeError):
                 continue
         return steps
@@ -37,9 +48,13 @@ def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
     from storage.models import StepRecord
 
     with Session(handle.engine) as s:
-        return list(
-            s.exec(select(StepRecord.ts, StepRecord.variant).where(StepRecord.run_id == handle.run_id))
-        )
+        rows = s.exec(select(StepRecord).where(StepRecord.run_id == handle.run_id)).all()
+        return [{k: getattr(r, k) for k in STEP_FIELDS} for r in rows]
+
+
+def recorded_steps(handle: ServerHandle) -> list[tuple[float, str]]:
+    """(time, variant) of every recorded engine step (`step_rows`)."""
+    return [(s["ts"], str(s["variant"])) for s in step_rows(handle)]
 
 
 def variant_share(steps: list[tuple[float, str]], t0: float, t1: float) -> dict[str, float]:

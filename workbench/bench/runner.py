@@ -82,7 +82,12 @@ def _measure_target(
     progress(f"starting {target.label}", done[0])
     t_start = time.monotonic()
     windows: list[tuple[dict, float, float]] = []  # (row, start, end): steps of each measurement
-    handle = start_server(engine_config(target, spec, first_policy, spec.port), engine=db, settings=settings)
+    # Steps reach the DB at stop. A live copy shares this process, which times the requests, only while
+    # FlexQuant runs (stock engines write none); runs 12-14 found no effect beyond +-1.4%, but a
+    # comparison should not depend on it (docs/benchmarks/README.md, "Runs 12-14").
+    handle = start_server(
+        engine_config(target, spec, first_policy, spec.port), engine=db, settings=settings, live_steps=False
+    )
     entry["run_id"] = handle.run_id
     try:
         handle.wait_healthy(900)

@@ -43,8 +43,13 @@ __all__ = ["ServerHandle", "start_server"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings) -> ServerHandle:
-    """Check, create the Run row, start the server subprocess; call `.wait_healthy()` next."""
+def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings,
+                 live_steps: bool = True) -> ServerHandle:
+    """Check, create the Run row, start the server subprocess; call `.wait_healthy()` next.
+
+    `live_steps=False` (vLLM runtime): copy the plugin's step telemetry into the DB only at `stop()`,
+    not every 0.5 s while serving: for a benchmark, which times requests from this process and whose
+    stock engines write no steps, so that only FlexQuant's measurements would share it with the copy."""
     if not is_loopback_host(cfg.host):
         # The model API has no login of its own: binding it beyond this machine would expose it.
         raise ServeError(f"refusing to serve on host {cfg.host!r}: the model API has no login. "
@@ -95,15 +100,16 @@ def start_server(cfg: ServeConfig, *, engine: Engine, settings: Settings) -> Ser
         raise ServeError(f"could not start the {runtime} server: {exc}") from None
     log.info("started %s server pid %d on port %d (run %d, log %s)",
              runtime, proc.pid, cfg.port, run_id, log_path)
-    return ServerHandle(cfg, runtime, proc, run_id, log_path, engine, steps_file)
+    return ServerHandle(cfg, runtime, proc, run_id, log_path, engine, steps_file, live_steps=live_steps)
 
 
 class ServerHandle:
     """A started server subprocess: health, live policy, stop. Owns the Run row's end."""
 
     def __init__(self, cfg: ServeConfig, runtime: str, proc: subprocess.Popen, run_id: int, log_path: Path,
-                 engine: Engine, steps_file: Path | None = None):
+                 engine: Engine, steps_file: Path | None = None, *, live_steps: bool = True):
         self.cfg, self.runtime, self.proc, self.run_id, self.log_path = cfg, runtime, proc, run_id, log_path
+        self.live_steps = live_steps
         self.engine = engine
         self.base_url = f"http://{cfg.host}:{cfg.port}"
         self._importer = _StepsImporter(steps_file, TelemetryWriter(engine, run_id)) if steps_file else None
@@ -150,7 +156,7 @@ class ServerHandle:
                                  f"(log: {self.log_path})")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
-                    if self._importer is not None:
+                    if self._importer is not None and self.live_steps:
                         self._importer.start()
                     return
             except httpx.HTTPError:
@@ -159,6 +165,13 @@ class ServerHandle:
         self.stop(status="failed")
         raise ServeError(f"the {self.runtime} server did not become healthy within {timeout:.0f} s; it was "
                          f"stopped. See {self.log_path}")
+
+    def import_new_steps(self) -> None:
+        """Hand the step telemetry written since the last copy to the DB writer now, which commits it
+        within its 0.5 s interval (the live importer's work, done by the caller when it started the
+        server with `live_steps=False`)."""
+        if self._importer is not None:
+            self._importer.read_new()
 
     def set_policy(self, policy: Policy) -> dict:
         """PUT /flexquant/policy; returns {"applied_at_step": N, ...}. PolicyError if the server refuses."""
@@ -199,12 +212,17 @@ class _StepsImporter:
 
     def __init__(self, path: Path, writer: TelemetryWriter):
         self.path, self.writer, self._offset = path, writer, 0
+        self._lock = threading.Lock()  # the thread and an explicit `read_new()` must not read twice
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vllm-steps-import", daemon=True)
 
     def start(self) -> None:
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
+
+    def read_new(self) -> None:
+        with self._lock:
+            self._read_new()
 
     def _read_new(self) -> None:
         try:
@@ -224,11 +242,11 @@ class _StepsImporter:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            self._read_new()
+            self.read_new()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._read_new()
+        self.read_new()
         self.writer.close()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Stock W8A8 and FlexQuant side by side on one GPU, measured in alternation (docs/benchmarks/README.md
+# "Run 12"; scripts/gpu/paired_engines.py says what it measures). One device call after staging:
+#   source /tmp/gpu-env.sh; bash scripts/gpu/setup.sh; bash scripts/gpu/paired_engines.sh
+# Synthesises the W8A8 and merged Llama-3-8B-shaped checkpoints if missing (~35 s), starts both
+# engines (~4-5 min), runs prefill cycles until CYCLES_UNTIL s, then one online window at RATE per
+# policy on FlexQuant and one on W8A8; GPU clocks are logged every 250 ms (read only) beside them.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+SHAPES=${SHAPES:-llama3-8b}
+WORK=${WORK:-/tmp/fq}
+RATE=${RATE:-24}
+DURATION=${DURATION:-20}
+CYCLES_UNTIL=${CYCLES_UNTIL:-400}   # seconds from the python script's start
+HARD_STOP=${HARD_STOP:-585}         # seconds from this script's start; the run is stopped (SIGINT) after
+# Each engine's share of the card. vLLM sizes the KV cache from it, but the eager attention of a
+# 16-request prefill keeps ~4-6 GiB more in PyTorch's cache afterwards: at 0.42 each the second
+# engine ran out of memory in its first 16-request burst (docs/gpu-runs, run 12's first call).
+GPU_MEM=${GPU_MEM:-0.36}
+ONLINE=${ONLINE:-1}                 # 0: prefill cycles only, until CYCLES_UNTIL
+export VLLM_USE_FLASHINFER_SAMPLER=0
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+mkdir -p /tmp/fqpair
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv,noheader -lms 250 >> /tmp/fqpair/gpu-clocks.csv 2>&1 &
+clocks=$!
+trap 'kill $clocks 2>/dev/null' EXIT
+if [ ! -f "$WORK/.complete-w8a8,merged" ] && [ ! -f "$WORK/.complete-w8a8,w4a16,merged" ]; then
+  rm -rf "$WORK"
+  python3 -m workbench.cli synth --shapes "$SHAPES" --device cuda --out "$WORK" --layouts w8a8,merged \
+    && touch "$WORK/.complete-w8a8,merged"
+  echo "synth: $(elapsed) s"
+fi
+timeout -s INT $(( HARD_STOP - $(elapsed) )) python3 scripts/gpu/paired_engines.py \
+  --w8a8 "$WORK/$SHAPES-w8a8" --merged "$WORK/$SHAPES-merged" \
+  --policy scripts/gpu/policies/tuned-h100.yaml --policy scripts/gpu/policies/w8a8-only.yaml \
+  --policy scripts/gpu/policies/w4a16-to-48.yaml --gpu-memory "$GPU_MEM" --rate "$RATE" --online-duration "$DURATION" --cycles-until $(( CYCLES_UNTIL - $(elapsed) )) --out /tmp/fqpair/run \
+  $([ "$ONLINE" = 0 ] && echo --skip-online)
+echo "paired exit $? after $(elapsed) s"
+tar -czf "$OUT/paired-engines.tar.gz" -C /tmp/fqpair --exclude='*.db*' run gpu-clocks.csv
