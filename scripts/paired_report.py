@@ -29,7 +29,7 @@ def main() -> int:
             return 2
     if args.full:
         for name, rec in records:
-            print(f"== {name}\n" + "\n".join(report_lines(rec)) + "\n")
+            print(f"## {name}: the run's own summary\n\n```\n" + "\n".join(report_lines(rec)) + "\n```\n")
     print("## Goal 1: prefill bursts, FlexQuant / W8A8 within each cycle\n")
     print(goal1_markdown(records))
     print("## Step telemetry copied into the DB while serving: flex-live / flex, same engine\n")
