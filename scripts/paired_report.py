@@ -12,7 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from workbench.bench.paired_report import goal1_markdown, online_markdown, report_lines
+from workbench.bench.paired_report import (
+    goal1_markdown,
+    online_markdown,
+    online_pairs_markdown,
+    report_lines,
+)
 
 
 def main() -> int:
@@ -34,6 +39,9 @@ def main() -> int:
     print(goal1_markdown(records))
     print("## Step telemetry copied into the DB while serving: flex-live / flex, same engine\n")
     print(goal1_markdown(records, condition="flex-live", baseline="flex"))
+    if any(rec.get("online_pairs") for _, rec in records):
+        print("## Online pairs: short windows on each engine in turn, FlexQuant / W8A8 within each pair\n")
+        print(online_pairs_markdown(records))
     print("## Online windows and their engine steps\n")
     print(online_markdown(records))
     return 0

@@ -37,6 +37,8 @@ from workbench.bench.paired import (
     cycle_orders,
     decode_saving,
     engine_means,
+    online_pair_row,
+    online_pair_summary,
     pair_summary,
     parse_histograms,
     step_split,
@@ -470,7 +472,8 @@ def paired_run(tmp_path_factory):
             "--merged", str(ckpt), "--policy", "scripts/gpu/policies/w8a8-only.yaml",
             "--policy", "scripts/gpu/policies/tuned-h100.yaml", "--runtime", "cpu", "--batches", "1,2",
             "--prompt-len", "16", "--cycles-until", "60", "--max-cycles", "3", "--rate", "4",
-            "--online-duration", "1.5", "--online-output-len", "4", "--port", str(port), "--out", str(out)]
+            "--online-duration", "1.5", "--online-output-len", "4", "--port", str(port), "--out", str(out),
+            "--online-pairs", "2", "--pair-rates", "4", "--pair-window", "1.0"]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc, json.loads((out / "paired.json").read_text()), out, port
@@ -531,6 +534,43 @@ def test_paired_script_runs_the_online_windows_and_splits_flexquant_steps(paired
                 for label, s in splits.items()}
     assert variants["flex:w8a8-only"] == {"w8a8"}
     assert variants["flex:tuned-h100"] == {"w4a16"}  # small batches: the live-switched policy's W4A16
+
+
+def test_paired_script_runs_online_pairs_in_rotated_order_and_judges_them(paired_run):
+    proc, record, _, _ = paired_run
+    pairs = record["online_pairs"]
+    order = [(r["cycle"], r["condition"]) for r in pairs]
+    assert order == [(0, "w8a8"), (0, "flex"), (1, "flex"), (1, "w8a8")]
+    assert all(r["rate"] == 4.0 and r["completed"] == r["requests"] > 0 for r in pairs)
+    summary = {s["measure"]: s for s in record["online_pair_summary"]}
+    assert set(summary) == {"ttft_p50_ms", "tpot_p50_ms", "output_tok_s"}
+    by = {(r["cycle"], r["condition"]): r for r in pairs}
+    ttft_ratios = sorted(by[(c, "flex")]["ttft_p50_ms"] / by[(c, "w8a8")]["ttft_p50_ms"] for c in (0, 1))
+    assert summary["ttft_p50_ms"]["ratio_median"] == pytest.approx(statistics.median(ttft_ratios))
+    ttft = summary["ttft_p50_ms"]
+    assert (ttft["ratio_low"], ttft["ratio_high"]) == pytest.approx(ttft_ratios)  # 2 pairs: their range
+    assert summary["output_tok_s"]["verdict"] == "—"
+    assert "online pairs: flex / w8a8" in proc.stdout
+
+
+def test_online_pair_summary_judges_ttft_at_1_03_and_tpot_at_0_85():
+    rows = []
+    for pair in range(8):
+        base = {"ttft_p50_ms": 50.0 + pair, "tpot_p50_ms": 10.0 + pair / 10, "output_tok_s": 2800.0}
+        for condition, scale in (("w8a8", (1.0, 1.0, 1.0)), ("flex", (1.02, 0.90, 1.001))):
+            summary = {"ttft_ms": {"p50": base["ttft_p50_ms"] * scale[0]},
+                       "tpot_ms": {"p50": base["tpot_p50_ms"] * scale[1]},
+                       "output_throughput_tok_s": base["output_tok_s"] * scale[2],
+                       "completed": 9, "requests": 9}
+            rows.append(online_pair_row(pair, condition, 24.0, summary))
+    out = {s["measure"]: s for s in online_pair_summary(rows, "w8a8")}
+    assert out["ttft_p50_ms"]["ratio_median"] == pytest.approx(1.02)
+    assert out["ttft_p50_ms"]["verdict"] == "met"  # within goal 1's 1.03
+    assert out["tpot_p50_ms"]["ratio_median"] == pytest.approx(0.90)
+    assert out["tpot_p50_ms"]["verdict"] == "NOT met"  # 10% below W8A8 is short of goal 3's 15%
+    assert out["output_tok_s"]["verdict"] == "—"
+    assert out["output_tok_s"]["ratio_median"] == pytest.approx(1.001)
+    assert all(s["rate"] == 24.0 and s["cycles"] == 8 for s in out.values())
 
 
 def test_paired_script_prints_its_report_and_ends_both_runs(paired_run):

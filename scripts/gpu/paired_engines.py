@@ -23,6 +23,7 @@ import argparse
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -88,6 +89,25 @@ class LiveImport:
         self.thread.join()
 
 
+def online_pairs(handles: dict[str, ServerHandle], spec: BenchSpec, vocab: int, args, record: dict,
+                 save) -> None:
+    """Part 3: per rate, pairs of short Poisson windows, one on each engine in a rotated order, with
+    the same arrivals and prompts within a pair (its seed): goal 1's TTFT and goal 3's TPOT at that
+    rate judged on pairs, as the prefill cycles judge batches."""
+    record["online_pairs"] = []
+    short = replace(spec, online_duration_s=args.pair_window)
+    for rate in (float(r) for r in args.pair_rates.split(",")):
+        for pair, order in enumerate(paired.cycle_orders(["w8a8", "flex"], args.online_pairs)):
+            for condition in order:
+                prompts = client.PromptSource(vocab, spec.prompt_len, seed=1000 + pair)
+                row = measure.online_row(handles[condition], replace(short, seed=1000 + pair), prompts, rate)
+                record["online_pairs"].append(paired.online_pair_row(pair, condition, rate, row))
+            save()
+        say(f"online pairs at {rate:g} req/s done")
+    record["online_pair_summary"] = paired.online_pair_summary(record["online_pairs"], "w8a8")
+    save()
+
+
 def start(target: Target, spec: BenchSpec, port: int, db, settings, record: dict) -> ServerHandle:
     policy = target.policies[0] if target.policies else None
     say(f"starting {target.label} on port {port}")
@@ -115,7 +135,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=24.0)
     ap.add_argument("--online-duration", type=float, default=20.0)
     ap.add_argument("--online-output-len", type=int, default=128)
-    ap.add_argument("--skip-online", action="store_true", help="prefill cycles only (part 1)")
+    ap.add_argument("--skip-online", action="store_true", help="no long online windows (part 2)")
+    ap.add_argument("--online-pairs", type=int, default=0,
+                    help="part 3: this many pairs of short online windows per --pair-rates rate")
+    ap.add_argument("--pair-rates", default="12,24")
+    ap.add_argument("--pair-window", type=float, default=5.0, help="seconds of arrivals per short window")
     ap.add_argument("--gpu-memory", type=float, default=0.42)
     ap.add_argument("--runtime", default="vllm", help="vllm, or cpu (a check of this script)")
     ap.add_argument("--port", type=int, default=8100)
@@ -168,6 +192,8 @@ def main() -> None:
                 save()
         record["summary"] = paired.pair_summary(record["bursts"], baseline="w8a8")
         save()
+        if args.online_pairs:
+            online_pairs(handles, spec, vocab, args, record, save)
         online_prompts = client.PromptSource(vocab, spec.prompt_len, seed=1)
         windows = [] if args.skip_online else [("flex", p) for p in policies] + [("w8a8", None)]
         for label, policy in windows:

@@ -17,7 +17,10 @@ HARD_STOP=${HARD_STOP:-585}         # seconds from this script's start; the run 
 # 16-request prefill keeps ~4-6 GiB more in PyTorch's cache afterwards: at 0.42 each the second
 # engine ran out of memory in its first 16-request burst (docs/gpu-runs, run 12's first call).
 GPU_MEM=${GPU_MEM:-0.36}
-ONLINE=${ONLINE:-1}                 # 0: prefill cycles only, until CYCLES_UNTIL
+ONLINE=${ONLINE:-1}                 # 0: no long online windows
+PAIRS=${PAIRS:-0}                   # >0: that many pairs of PAIR_WINDOW s online windows per PAIR_RATES rate
+PAIR_RATES=${PAIR_RATES:-12,24}
+PAIR_WINDOW=${PAIR_WINDOW:-5}
 export VLLM_USE_FLASHINFER_SAMPLER=0
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -37,6 +40,7 @@ timeout -s INT $(( HARD_STOP - $(elapsed) )) python3 scripts/gpu/paired_engines.
   --w8a8 "$WORK/$SHAPES-w8a8" --merged "$WORK/$SHAPES-merged" \
   --policy scripts/gpu/policies/tuned-h100.yaml --policy scripts/gpu/policies/w8a8-only.yaml \
   --policy scripts/gpu/policies/w4a16-to-48.yaml --gpu-memory "$GPU_MEM" --rate "$RATE" --online-duration "$DURATION" --cycles-until $(( CYCLES_UNTIL - $(elapsed) )) --out /tmp/fqpair/run \
+  --online-pairs "$PAIRS" --pair-rates "$PAIR_RATES" --pair-window "$PAIR_WINDOW" \
   $([ "$ONLINE" = 0 ] && echo --skip-online)
 echo "paired exit $? after $(elapsed) s"
 tar -czf "$OUT/paired-engines.tar.gz" -C /tmp/fqpair --exclude='*.db*' run gpu-clocks.csv

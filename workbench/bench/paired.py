@@ -30,8 +30,12 @@ from workbench.bench.engine_spread import median_interval, spread_verdict
 
 __all__ = [
     "HISTOGRAMS",
+    "ONLINE_GOALS",
     "cycle_orders",
+    "decode_saving",
     "engine_means",
+    "online_pair_row",
+    "online_pair_summary",
     "pair_summary",
     "parse_histograms",
     "step_split",
@@ -80,25 +84,27 @@ def cycle_orders(conditions: list[str], cycles: int) -> list[list[str]]:
     return [conditions[i % n:] + conditions[: i % n] for i in range(cycles)]
 
 
-def pair_summary(rows: list[dict], baseline: str, goal: float = 1.03) -> list[dict]:
-    """Per condition (other than `baseline`), batch and measure: the ratio condition / baseline within
-    each cycle, its median over cycles with a distribution-free interval (`median_interval`, 95%),
-    the geometric mean ratio, and the goal-1 verdict on the interval (`spread_verdict`).
+def pair_summary(rows: list[dict], baseline: str, goal: float = 1.03, *, group: str = "batch",
+                 measures: tuple[str, ...] = ("wall_s", *HISTOGRAMS)) -> list[dict]:
+    """Per condition (other than `baseline`), `group` value (a batch, a rate) and measure: the ratio
+    condition / baseline within each cycle, its median over cycles with a distribution-free interval
+    (`median_interval`, 95%), the geometric mean ratio, and the verdict of that interval against
+    `goal` (`spread_verdict`: goal 1's 1.03 by default).
 
-    `rows`: one per burst, {"cycle", "condition", "batch", measure: value, ...}; a measure missing or
-    None in either burst of a cycle leaves that cycle out of its ratio."""
-    by_key: dict[tuple, dict] = {(r["cycle"], r["condition"], r["batch"]): r for r in rows}
-    measures = [m for m in ("wall_s", *HISTOGRAMS) if any(r.get(m) is not None for r in rows)]
+    `rows`: one per measurement, {"cycle", "condition", group: ..., measure: value, ...}; a measure
+    missing or None in either member of a cycle leaves that cycle out of its ratio."""
+    by_key: dict[tuple, dict] = {(r["cycle"], r["condition"], r[group]): r for r in rows}
+    measures = [m for m in measures if any(r.get(m) is not None for r in rows)]
     conditions = list(dict.fromkeys(r["condition"] for r in rows if r["condition"] != baseline))
-    batches = sorted({r["batch"] for r in rows})
+    groups = sorted({r[group] for r in rows})
     out = []
     for condition in conditions:
-        for batch in batches:
+        for at in groups:
             for measure in measures:
                 base, this = [], []
-                for (cycle, cond, b), row in by_key.items():
-                    ref = by_key.get((cycle, baseline, b))
-                    if cond != condition or b != batch or ref is None:
+                for (cycle, cond, g), row in by_key.items():
+                    ref = by_key.get((cycle, baseline, g))
+                    if cond != condition or g != at or ref is None:
                         continue
                     if row.get(measure) and ref.get(measure):
                         this.append(row[measure])
@@ -108,13 +114,36 @@ def pair_summary(rows: list[dict], baseline: str, goal: float = 1.03) -> list[di
                 ratios = [t / b for t, b in zip(this, base, strict=True)]
                 low, high, coverage = median_interval(ratios)
                 out.append({
-                    "condition": condition, "batch": batch, "measure": measure, "cycles": len(ratios),
+                    "condition": condition, group: at, "measure": measure, "cycles": len(ratios),
                     "baseline_median": statistics.median(base), "median": statistics.median(this),
                     "ratio_median": statistics.median(ratios), "ratio_low": low, "ratio_high": high,
                     "coverage": coverage,
                     "ratio_geomean": math.exp(statistics.fmean(math.log(r) for r in ratios)),
                     "verdict": spread_verdict(low, high, goal),
                 })
+    return out
+
+
+def online_pair_row(pair: int, condition: str, rate: float, summary: dict) -> dict:
+    """One short online window of an online pair, flattened for `pair_summary(group="rate")`: TTFT
+    and TPOT p50 (ms) and output throughput from `client.summarize`'s row."""
+    return {"cycle": pair, "condition": condition, "rate": rate,
+            "ttft_p50_ms": summary["ttft_ms"]["p50"], "tpot_p50_ms": summary["tpot_ms"]["p50"],
+            "output_tok_s": summary["output_throughput_tok_s"],
+            "completed": summary["completed"], "requests": summary["requests"]}
+
+
+# measure -> the bound its ratio to stock W8A8 must stay under: goal 1 (TTFT <= 1.03x) and goal 3
+# (p50 TPOT at least 15% below); throughput is reported without one (open-loop load: equal when kept up)
+ONLINE_GOALS = {"ttft_p50_ms": 1.03, "tpot_p50_ms": 0.85, "output_tok_s": None}
+
+
+def online_pair_summary(rows: list[dict], baseline: str) -> list[dict]:
+    """`pair_summary` of online pairs per rate, each measure judged against its ONLINE_GOALS bound."""
+    out = []
+    for measure, goal in ONLINE_GOALS.items():
+        for s in pair_summary(rows, baseline, goal or 1.0, group="rate", measures=(measure,)):
+            out.append(s if goal else s | {"verdict": "—"})
     return out
 
 

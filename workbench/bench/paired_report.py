@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import json
 
-from workbench.bench.paired import pair_summary
+from workbench.bench.paired import online_pair_summary, pair_summary
 
-__all__ = ["goal1_markdown", "online_markdown", "pooled_bursts", "report_lines"]
+__all__ = [
+    "goal1_markdown",
+    "online_markdown",
+    "online_pairs_markdown",
+    "pair_rows",
+    "pooled_bursts",
+    "report_lines",
+]
 
 MEASURE_NAMES = {
     "wall_s": "client wall",
@@ -31,6 +38,14 @@ def report_lines(record: dict) -> list[str]:
             f"{s['ratio_median']:.4f}x [{s['ratio_low']:.4f}-{s['ratio_high']:.4f}] "
             f"({s['ratio_geomean']:.4f}) n={s['cycles']}  {s['verdict']}"
         )
+    if pair_rows(record):
+        lines.append("online pairs: flex / w8a8 within each pair of short windows, median [95% interval]")
+    for s in pair_rows(record):
+        lines.append(
+            f"  {s['rate']:5g} req/s {s['measure']:12s} w8a8 {s['baseline_median']:8.2f} "
+            f"flex {s['median']:8.2f}  {s['ratio_median']:.4f}x [{s['ratio_low']:.4f}-{s['ratio_high']:.4f}] "
+            f"n={s['cycles']}  {s['verdict']}"
+        )
     for o in record.get("online", []):
         lines.append(
             f"online {o['label']:18s} TTFT p50 {o['ttft_ms']['p50']:.2f} ms  "
@@ -41,6 +56,13 @@ def report_lines(record: dict) -> list[str]:
         lines.append(f"steps {label}: {json.dumps({k: v for k, v in s.items() if k != 'decode_by_batch'})}")
         lines.append(f"  decode-only steps by batch: {json.dumps(s['decode_by_batch'])}")
     return lines
+
+
+def pair_rows(record: dict) -> list[dict]:
+    """The run's online-pair summary, worked out from its pairs if the run stopped before it did."""
+    if record.get("online_pair_summary"):
+        return record["online_pair_summary"]
+    return online_pair_summary(record["online_pairs"], "w8a8") if record.get("online_pairs") else []
 
 
 def pooled_bursts(records: list[tuple[str, dict]]) -> list[dict]:
@@ -107,5 +129,20 @@ def online_markdown(records: list[tuple[str, dict]], baseline: str = "w8a8") -> 
                 f"| {name} | {o['label']} | {o['ttft_ms']['p50']:.1f} | {tpot:.3f} | {vs} | "
                 f"{o['output_throughput_tok_s']:.0f} | {share} | {steps} | "
                 + (f"{saving:.1%} of the window |" if saving is not None else "— |")
+            )
+    return "\n".join(lines) + "\n"
+
+
+def online_pairs_markdown(records: list[tuple[str, dict]]) -> str:
+    """Each run's online pairs per rate: FlexQuant / W8A8 for TTFT p50 (goal 1: ≤ 1.03×), TPOT p50
+    (goal 3: ≤ 0.85×) and output throughput, median over pairs with the 95% interval."""
+    lines = ["| run | rate req/s | measure | W8A8 / FlexQuant (medians) | ratio [95%] (pairs) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, rec in records:
+        for s in pair_rows(rec):
+            lines.append(
+                f"| {name} | {s['rate']:g} | {s['measure']} | "
+                f"{s['baseline_median']:.2f} / {s['median']:.2f} | {s['ratio_median']:.3f}× "
+                f"[{s['ratio_low']:.3f}–{s['ratio_high']:.3f}] ({s['cycles']}) | {s['verdict']} |"
             )
     return "\n".join(lines) + "\n"
