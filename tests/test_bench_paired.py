@@ -595,3 +595,51 @@ def test_decode_saving_is_zero_for_a_window_already_on_its_only_variant():
     split = step_split(steps, 0.0, 10.0)
     assert split["decode_by_batch"]["1"]["w4a16"]["mean_ms"] == pytest.approx(1.0023, abs=1e-3)
     assert decode_saving(split, [])["saved_ms"] == pytest.approx(0.0, abs=1e-3)
+
+
+# --- the report over the committed H100 runs (docs/benchmarks/2026-11-26-llama3-8b-h100-paired) --------
+
+PAIRED_DOCS = REPO_ROOT / "docs" / "benchmarks" / "2026-11-26-llama3-8b-h100-paired"
+
+
+def committed_runs() -> list[tuple[str, dict]]:
+    paths = sorted(PAIRED_DOCS.glob("machine-*/paired.json"))
+    return [(p.parent.name, json.loads(p.read_text())) for p in paths]
+
+
+def test_goal1_table_pools_the_committed_cycles_within_their_machines():
+    from workbench.bench.paired_report import goal1_markdown
+
+    records = committed_runs()
+    with_bursts = [name for name, rec in records if rec.get("bursts")]
+    assert len(with_bursts) >= 3 and len(records) > len(with_bursts)  # one run has online pairs only
+    table = goal1_markdown(records)
+    header = table.splitlines()[0]
+    assert all(name in header for name in with_bursts) and "pooled" in header
+    assert not any(name in header for name, rec in records if not rec.get("bursts"))
+    # the pooled batch-1 wall ratio is the median over every machine's own cycles
+    ratios = []
+    for _, rec in records:
+        by = {(b["cycle"], b["condition"]): b for b in rec["bursts"] if b["batch"] == 1}
+        ratios += [by[(c, "flex")]["wall_s"] / by[(c, "w8a8")]["wall_s"]
+                   for (c, cond) in by if cond == "w8a8" and (c, "flex") in by]
+    row = next(line for line in table.splitlines() if line.startswith("| 1 | client wall |"))
+    pooled_cell = row.split(" | ")[-2]
+    assert f"{statistics.median(ratios):.3f}×" in pooled_cell and f"({len(ratios)})" in pooled_cell
+
+
+def test_paired_report_script_prints_every_section_for_the_committed_runs():
+    paths = [str(p) for p in sorted(PAIRED_DOCS.glob("machine-*/paired.json"))]
+    proc = subprocess.run([sys.executable, "scripts/paired_report.py", "--full", *paths], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for section in ("## Goal 1", "## Step telemetry copied", "## Online pairs", "## Online windows"):
+        assert section in proc.stdout
+    # a TPOT-vs-stock cell recomputed from one committed window
+    name, rec = next((n, r) for n, r in committed_runs() if r.get("online"))
+    tuned = next(o for o in rec["online"] if o["label"] == "flex:tuned-h100")
+    stock = next(o for o in rec["online"] if o["label"] == "w8a8")
+    assert f"{tuned['tpot_ms']['p50'] / stock['tpot_ms']['p50'] - 1:+.1%}" in proc.stdout
+    bad = subprocess.run([sys.executable, "scripts/paired_report.py", str(PAIRED_DOCS / "nope.json")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "cannot read" in bad.stderr

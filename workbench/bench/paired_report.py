@@ -74,6 +74,7 @@ def goal1_markdown(records: list[tuple[str, dict]], condition: str = "flex", bas
                    measures: tuple[str, ...] = ("wall_s", "prefill_s")) -> str:
     """Per batch and measure: `condition` / `baseline` (FlexQuant / W8A8) of each run and of all runs
     pooled, with the 95% interval of the median pair and the goal-1 verdict on it."""
+    records = [(name, rec) for name, rec in records if rec.get("bursts")]  # e.g. online pairs only
     sources = [(name, rec["bursts"]) for name, rec in records]
     if len(records) > 1:
         sources.append(("pooled", pooled_bursts(records)))
