@@ -21,21 +21,9 @@ ONLINE=${ONLINE:-1}                 # 0: no long online windows
 PAIRS=${PAIRS:-0}                   # >0: that many pairs of PAIR_WINDOW s online windows per PAIR_RATES rate
 PAIR_RATES=${PAIR_RATES:-12,24}
 PAIR_WINDOW=${PAIR_WINDOW:-5}
-export VLLM_USE_FLASHINFER_SAMPLER=0
-t0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - t0 )); }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p /tmp/fqpair
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-  --format=csv,noheader -lms 250 >> /tmp/fqpair/gpu-clocks.csv 2>&1 &
-clocks=$!
-trap 'kill $clocks 2>/dev/null' EXIT
-if [ ! -f "$WORK/.complete-w8a8,merged" ] && [ ! -f "$WORK/.complete-w8a8,w4a16,merged" ]; then
-  rm -rf "$WORK"
-  python3 -m workbench.cli synth --shapes "$SHAPES" --device cuda --out "$WORK" --layouts w8a8,merged \
-    && touch "$WORK/.complete-w8a8,merged"
-  echo "synth: $(elapsed) s"
-fi
+source scripts/gpu/lib.sh
+log_gpu_clocks /tmp/fqpair
+synth_w8a8_merged
 timeout -s INT $(( HARD_STOP - $(elapsed) )) python3 scripts/gpu/paired_engines.py \
   --w8a8 "$WORK/$SHAPES-w8a8" --merged "$WORK/$SHAPES-merged" \
   --policy scripts/gpu/policies/tuned-h100.yaml --policy scripts/gpu/policies/w8a8-only.yaml \

@@ -17,21 +17,9 @@ WORK=${WORK:-/tmp/fq}
 MODES=${MODES:-graphs graphs graphs graphs}
 REPEATS=${REPEATS:-5}
 HARD_STOP=${HARD_STOP:-570}   # seconds from this script's start
-export VLLM_USE_FLASHINFER_SAMPLER=0
-t0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - t0 )); }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p /tmp/fqpe
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-  --format=csv,noheader -lms 250 >> /tmp/fqpe/gpu-clocks.csv 2>&1 &
-clocks=$!
-trap 'kill $clocks 2>/dev/null' EXIT
-if [ ! -f "$WORK/.complete-w8a8,merged" ] && [ ! -f "$WORK/.complete-w8a8,w4a16,merged" ]; then
-  rm -rf "$WORK"
-  python3 -m workbench.cli synth --shapes "$SHAPES" --device cuda --out "$WORK" --layouts w8a8,merged \
-    && touch "$WORK/.complete-w8a8,merged"
-  echo "synth: $(elapsed) s"
-fi
+source scripts/gpu/lib.sh
+log_gpu_clocks /tmp/fqpe
+synth_w8a8_merged
 i=0
 for mode in $MODES; do
   i=$((i + 1))
