@@ -9,6 +9,9 @@ prefill time per request (scheduled -> first token) beside the client's wall tim
 Part 2, goal 3 at one online rate: the same Poisson window on FlexQuant under each --policy (switched
 live) and on stock W8A8, and from FlexQuant's step telemetry how each window's time divides into
 prefill-carrying and decode-only steps (`paired.step_split`, `paired.decode_saving`).
+Part 3, goals 1 and 3 per rate (--online-pairs N): N pairs of short Poisson windows per --pair-rates
+rate, one window on each engine in a rotated order with the same arrivals and prompts, judged on the
+median pair (`paired.online_pair_summary`). Runs 12-15 in docs/benchmarks/README.md.
 
     python scripts/gpu/paired_engines.py --w8a8 /tmp/fq/llama3-8b-w8a8 --merged /tmp/fq/llama3-8b-merged \
         --policy scripts/gpu/policies/tuned-h100.yaml --policy scripts/gpu/policies/w8a8-only.yaml \
