@@ -643,3 +643,16 @@ def test_paired_report_script_prints_every_section_for_the_committed_runs():
     bad = subprocess.run([sys.executable, "scripts/paired_report.py", str(PAIRED_DOCS / "nope.json")],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_paired_script_marks_a_failed_run_failed_with_its_error(tmp_path):
+    """An engine that cannot start (here: no checkpoint) ends the run "failed", with the reason kept."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "scripts/gpu/paired_engines.py", "--w8a8", str(tmp_path / "none"),
+            "--merged", str(tmp_path / "none"), "--policy", "scripts/gpu/policies/w8a8-only.yaml",
+            "--runtime", "cpu", "--port", str(two_free_ports()), "--out", str(out)]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    record = json.loads((out / "paired.json").read_text())
+    assert record["status"] == "failed"
+    assert "config.json" in record["error"] and record["ended_at"] >= record["started_at"]

@@ -213,6 +213,9 @@ def main() -> None:
         record["status"] = "complete"
     except KeyboardInterrupt:
         record["status"] = "interrupted"
+    except Exception as exc:  # an engine that fails to start or dies: say so in the record, then raise
+        record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         for handle in handles.values():
             handle.stop()
