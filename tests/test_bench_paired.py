@@ -657,13 +657,3 @@ def test_paired_script_marks_a_failed_run_failed_with_its_error(tmp_path):
     assert record["status"] == "failed"
     assert "config.json" in record["error"] and record["ended_at"] >= record["started_at"]
 
-
-def test_decode_saving_reads_the_committed_splits_of_runs_12_and_13():
-    """Their splits predate `total_ms`; recomputed from the stored ones, the saving is what the GPU
-    run stored to within the rounding of the means."""
-    for _, rec in committed_runs():
-        splits = rec.get("online_steps") or {}
-        for label, split in splits.items():
-            others = [s for k, s in splits.items() if k != label]
-            again = decode_saving(split, others)
-            assert again["saved_ms"] == pytest.approx(split["decode_saving"]["saved_ms"], abs=2.0)

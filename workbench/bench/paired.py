@@ -205,9 +205,7 @@ def decode_saving(split: dict, references: list[dict]) -> dict:
     for ref in [split, *references]:
         for rng, variants in ref["decode_by_batch"].items():
             for stats in variants.values():
-                # runs 12-13 stored no total_ms (their splits came before it): the rounded mean then
-                total = stats.get("total_ms", stats["mean_ms"] * stats["steps"])
-                fastest[rng] = min(fastest.get(rng, math.inf), total / stats["steps"])
+                fastest[rng] = min(fastest.get(rng, math.inf), stats["total_ms"] / stats["steps"])
     best_ms = sum(stats["steps"] * fastest[rng]
                   for rng, variants in split["decode_by_batch"].items() for stats in variants.values())
     saved = split["decode_ms"] - best_ms
