@@ -13,9 +13,9 @@ RATE=${RATE:-24}
 DURATION=${DURATION:-20}
 CYCLES_UNTIL=${CYCLES_UNTIL:-400}   # seconds from the python script's start
 HARD_STOP=${HARD_STOP:-585}         # seconds from this script's start; the run is stopped (SIGINT) after
-# Each engine's share of the card. vLLM sizes the KV cache from it, but the eager attention of a
-# 16-request prefill keeps ~4-6 GiB more in PyTorch's cache afterwards: at 0.42 each the second
-# engine ran out of memory in its first 16-request burst (docs/gpu-runs, run 12's first call).
+# Each engine's share of the card. vLLM sizes the KV cache from it, but an engine holds more after
+# its first 16-request bursts (stock W8A8: 39.4 GiB against a 33.3 GiB share): at 0.42 each the second
+# engine ran out of memory in its first one (docs/gpu-runs, run 12's first call).
 GPU_MEM=${GPU_MEM:-0.36}
 ONLINE=${ONLINE:-1}                 # 0: no long online windows
 PAIRS=${PAIRS:-0}                   # >0: that many pairs of PAIR_WINDOW s online windows per PAIR_RATES rate
