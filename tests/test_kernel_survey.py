@@ -31,7 +31,7 @@ def step_ms(result: dict, kernel: str, rows: int) -> float:
 
 def test_the_committed_runs_are_there():
     assert {p.name for p in SURVEYS} == {"llama3-8b-a.json", "llama3-8b-b.json", "llama3-8b-c.json",
-                                         "qwen2-7b-b.json"}
+                                         "llama3-8b-d.json", "qwen2-7b-b.json"}
 
 
 @pytest.mark.parametrize("path", SURVEYS, ids=lambda p: p.name)
@@ -76,16 +76,20 @@ def test_a_failed_kernel_is_listed_with_its_error():
     assert survey_markdown(result)[-1] == "- w4a16-machete: failed: RuntimeError: no kernel for this shape"
 
 
-def test_three_calls_agree_on_w8a8_and_marlin():
-    """Runs a, b and c were three machine starts: the two kernels every run timed agree within 1.5%."""
-    runs = [load(f"llama3-8b-{x}.json") for x in "abc"]
+def test_four_calls_agree_on_w8a8_and_marlin():
+    """Runs a-d were four machine starts: the two kernels every run timed agree within 2.5% at every
+    row count they share (the widest: Marlin at 48 rows, 3.28-3.35 ms)."""
+    runs = [load(f"llama3-8b-{x}.json") for x in "abcd"]
+    shared = set.intersection(*(set(r["batches"]) for r in runs))
+    assert shared == {1, 16, 48}
     for kernel in ("w8a8-cutlass", "w4a16-marlin"):
-        for rows in runs[0]["batches"]:
+        for rows in shared:
             times = [step_ms(r, kernel, rows) for r in runs]
-            assert max(times) / min(times) < 1.015, (kernel, rows, times)
+            assert max(times) / min(times) < 1.025, (kernel, rows, times)
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-b.json", "llama3-8b-c.json", "qwen2-7b-b.json"])
+@pytest.mark.parametrize("name", ["llama3-8b-b.json", "llama3-8b-c.json", "llama3-8b-d.json",
+                                  "qwen2-7b-b.json"])
 def test_what_the_docs_say_of_the_survey(name):
     """docs/benchmarks/README.md, run 16: at 40-48 decode rows (24 req/s) no int4 kernel is 5% faster
     than W8A8's; up to 32 rows Marlin is the fastest int4 kernel except tinygemm at one row; no int4

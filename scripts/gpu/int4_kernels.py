@@ -42,32 +42,37 @@ def w8a8_op(k: int, n: int, copies: int):
     return call
 
 
-def marlin_op(k: int, n: int, copies: int, act_int8: bool):
+def marlin_linear(w: torch.Tensor, act_int8: bool):
+    """(x -> x @ w on Marlin, w's dequantized int4 values) for a bf16 [K, N] weight, as vLLM's
+    MarlinLinearKernel prepares and calls it (with int8 activations: W4A8-INT8)."""
     from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
     from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
     from vllm.scalar_type import scalar_types
 
-    wtype = scalar_types.uint4b8
+    k, n = w.shape
     input_dtype = torch.int8 if act_int8 else None
-    packed = []
-    for _ in range(copies):
-        w = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") / 50
-        _, q_w, s, _, _, _ = marlin_quantize(w, wtype, GROUP, act_order=False, input_dtype=input_dtype)
-        global_scale = None
-        if act_int8:  # what MarlinLinearKernel.process_weights_after_loading does for int8 activations
-            s, global_scale = mu.marlin_act_int8_process_scales(s)
-        packed.append((q_w, s, global_scale))
-    workspace = mu.marlin_make_workspace_new(torch.device("cuda"))
-    empty = mu.marlin_make_empty_g_idx(torch.device("cuda"))
+    w_ref, q_w, s, _, _, _ = marlin_quantize(w, scalar_types.uint4b8, GROUP, act_order=False,
+                                             input_dtype=input_dtype)
+    global_scale = None
+    if act_int8:  # what MarlinLinearKernel.process_weights_after_loading does for int8 activations
+        s, global_scale = mu.marlin_act_int8_process_scales(s)
+    workspace = mu.marlin_make_workspace_new(w.device)
+    empty = mu.marlin_make_empty_g_idx(w.device)
 
-    def call(x: torch.Tensor, i: int) -> torch.Tensor:
-        q_w, s, global_scale = packed[i]
+    def call(x: torch.Tensor) -> torch.Tensor:
         return mu.apply_gptq_marlin_linear(
             input=x, weight=q_w, weight_scale=s, weight_zp=empty, g_idx=empty, g_idx_sort_indices=empty,
-            workspace=workspace, wtype=wtype, output_size_per_partition=n, input_size_per_partition=k,
-            is_k_full=True, input_global_scale=global_scale, input_dtype=input_dtype)
+            workspace=workspace, wtype=scalar_types.uint4b8, output_size_per_partition=n,
+            input_size_per_partition=k, is_k_full=True, input_global_scale=global_scale,
+            input_dtype=input_dtype)
 
-    return call
+    return call, w_ref
+
+
+def marlin_op(k: int, n: int, copies: int, act_int8: bool):
+    linears = [marlin_linear(torch.randn(k, n, dtype=torch.bfloat16, device="cuda") / 50, act_int8)[0]
+               for _ in range(copies)]
+    return lambda x, i: linears[i](x)
 
 
 def machete_op(k: int, n: int, copies: int):
@@ -109,21 +114,20 @@ def triton_op(k: int, n: int, copies: int):
     return call
 
 
+def tinygemm_linear(q: torch.Tensor, scale: torch.Tensor):
+    """x -> x @ W on torch's own int4 kernel (tinygemm, what gpt-fast uses: aten._weight_int4pack_mm)
+    for int4 values q [N, K] in 0..15 and bf16 group scales [K/128, N]; W = (q - 8) * scale."""
+    b = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+    # tinygemm dequantizes (q - 8) * scale + zero: symmetric uint4b8 is zero = 0
+    scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=2).contiguous()
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, b, GROUP, scales_and_zeros)
+
+
 def tinygemm_op(k: int, n: int, copies: int):
-    """torch's own int4 kernel (tinygemm, what gpt-fast uses): aten._weight_int4pack_mm."""
-    packed = []
-    for _ in range(copies):
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-        b = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        # tinygemm dequantizes (q - 8) * scale + zero: symmetric uint4b8 is zero = 0
-        s = torch.rand(k // GROUP, n, 1, dtype=torch.bfloat16, device="cuda") / 100
-        packed.append((b, torch.cat([s, torch.zeros_like(s)], dim=2).contiguous()))
-
-    def call(x: torch.Tensor, i: int) -> torch.Tensor:
-        b, scales_and_zeros = packed[i]
-        return torch.ops.aten._weight_int4pack_mm(x, b, GROUP, scales_and_zeros)
-
-    return call
+    linears = [tinygemm_linear(torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda"),
+                               torch.rand(k // GROUP, n, dtype=torch.bfloat16, device="cuda") / 100)
+               for _ in range(copies)]
+    return lambda x, i: linears[i](x)
 
 
 KERNELS = {
@@ -165,37 +169,23 @@ def time_op(call, k: int, copies: int, m: int, calls_per_graph: int = 48, replay
 
 def check_agreement(k: int, n: int) -> dict[str, float | str]:
     """Each int4 path's relative error against x @ its own dequantized weights: the calls are wired right."""
-    from vllm.model_executor.layers.quantization.utils import marlin_utils as mu
-    from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
-    from vllm.scalar_type import scalar_types
-
     torch.manual_seed(0)
     w = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") / 50
     x = torch.randn(16, k, dtype=torch.bfloat16, device="cuda")
-    out = {}
-    for name, dtype in (("w4a16", None), ("w4a8", torch.int8)):
-        w_ref, q_w, s, _, _, _ = marlin_quantize(w, scalar_types.uint4b8, GROUP, act_order=False,
-                                                 input_dtype=dtype)
-        global_scale = None
-        if dtype is not None:
-            s, global_scale = mu.marlin_act_int8_process_scales(s)
-        empty = mu.marlin_make_empty_g_idx(torch.device("cuda"))
-        y = mu.apply_gptq_marlin_linear(
-            input=x, weight=q_w, weight_scale=s, weight_zp=empty, g_idx=empty, g_idx_sort_indices=empty,
-            workspace=mu.marlin_make_workspace_new(torch.device("cuda")), wtype=scalar_types.uint4b8,
-            output_size_per_partition=n, input_size_per_partition=k, is_k_full=True,
-            input_global_scale=global_scale, input_dtype=dtype)
+
+    def relative_error(y: torch.Tensor, w_ref: torch.Tensor) -> float:
         ref = x.float() @ w_ref.float()
-        out[f"{name}_rel_err_vs_dequantized"] = float((y.float() - ref).norm() / ref.norm())
+        return float((y.float() - ref).norm() / ref.norm())
+
+    out: dict[str, float | str] = {}
+    for name, act_int8 in (("w4a16", False), ("w4a8", True)):
+        call, w_ref = marlin_linear(w, act_int8)
+        out[f"{name}_rel_err_vs_dequantized"] = relative_error(call(x), w_ref)
     try:  # tinygemm's layout, checked the same way (its failure must not lose the timings)
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-        scale = torch.rand(k // GROUP, n, 1, dtype=torch.bfloat16, device="cuda") / 100
-        b = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        scales_and_zeros = torch.cat([scale, torch.zeros_like(scale)], 2).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm(x, b, GROUP, scales_and_zeros)
-        w_ref = (q.t().float() - 8) * scale[:, :, 0].float().repeat_interleave(GROUP, dim=0)
-        ref = x.float() @ w_ref
-        out["tinygemm_rel_err_vs_dequantized"] = float((y.float() - ref).norm() / ref.norm())
+        scale = torch.rand(k // GROUP, n, dtype=torch.bfloat16, device="cuda") / 100
+        w_ref = (q.t().float() - 8) * scale.float().repeat_interleave(GROUP, dim=0)
+        out["tinygemm_rel_err_vs_dequantized"] = relative_error(tinygemm_linear(q, scale)(x), w_ref)
     except Exception as exc:
         out["tinygemm_error"] = f"{type(exc).__name__}: {exc}"
     return out
