@@ -645,6 +645,26 @@ def test_paired_report_script_prints_every_section_for_the_committed_runs():
     assert bad.returncode == 2 and "cannot read" in bad.stderr
 
 
+def test_paired_report_pools_online_pairs_within_machines_and_prints_only_measured_sections():
+    """Runs 15 and 17 (machine-4, machine-5) have online pairs only: no burst or window section, and a
+    pooled row whose median is over every pair's own FlexQuant / W8A8 ratio."""
+    runs = [(n, r) for n, r in committed_runs() if r.get("online_pairs")]
+    assert [n for n, _ in runs] == ["machine-4", "machine-5"]
+    proc = subprocess.run([sys.executable, "scripts/paired_report.py",
+                           *(str(PAIRED_DOCS / n / "paired.json") for n, _ in runs)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "## Online pairs" in proc.stdout
+    assert "## Goal 1" not in proc.stdout and "## Online windows" not in proc.stdout
+    ratios = []
+    for _, rec in runs:
+        by = {(p["cycle"], p["condition"]): p for p in rec["online_pairs"] if p["rate"] == 24}
+        ratios += [by[(c, "flex")]["ttft_p50_ms"] / by[(c, "w8a8")]["ttft_p50_ms"]
+                   for (c, cond) in by if cond == "w8a8" and (c, "flex") in by]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| pooled | 24 | ttft_p50_ms |"))
+    assert f"{statistics.median(ratios):.3f}×" in row and f"({len(ratios)})" in row and len(ratios) == 18
+
+
 def test_paired_script_marks_a_failed_run_failed_with_its_error(tmp_path):
     """An engine that cannot start (here: no checkpoint) ends the run "failed", with the reason kept."""
     out = tmp_path / "out"

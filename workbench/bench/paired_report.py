@@ -16,7 +16,7 @@ __all__ = [
     "online_markdown",
     "online_pairs_markdown",
     "pair_rows",
-    "pooled_bursts",
+    "pooled_rows",
     "report_lines",
 ]
 
@@ -65,9 +65,10 @@ def pair_rows(record: dict) -> list[dict]:
     return online_pair_summary(record["online_pairs"], "w8a8") if record.get("online_pairs") else []
 
 
-def pooled_bursts(records: list[tuple[str, dict]]) -> list[dict]:
-    """Every run's burst rows, each cycle keyed by its run too, so a pair never spans two machines."""
-    return [row | {"cycle": f"{name}/{row['cycle']}"} for name, rec in records for row in rec["bursts"]]
+def pooled_rows(records: list[tuple[str, dict]], key: str = "bursts") -> list[dict]:
+    """Every run's `key` rows (bursts, online_pairs), each cycle keyed by its run too, so a pair never
+    spans two machines."""
+    return [row | {"cycle": f"{name}/{row['cycle']}"} for name, rec in records for row in rec.get(key) or []]
 
 
 def goal1_markdown(records: list[tuple[str, dict]], condition: str = "flex", baseline: str = "w8a8",
@@ -77,7 +78,7 @@ def goal1_markdown(records: list[tuple[str, dict]], condition: str = "flex", bas
     records = [(name, rec) for name, rec in records if rec.get("bursts")]  # e.g. online pairs only
     sources = [(name, rec["bursts"]) for name, rec in records]
     if len(records) > 1:
-        sources.append(("pooled", pooled_bursts(records)))
+        sources.append(("pooled", pooled_rows(records)))
     tables = {name: {(s["batch"], s["measure"]): s for s in pair_summary(rows, baseline)
                      if s["condition"] == condition} for name, rows in sources}
     names = [name for name, _ in sources]
@@ -135,12 +136,16 @@ def online_markdown(records: list[tuple[str, dict]], baseline: str = "w8a8") -> 
 
 
 def online_pairs_markdown(records: list[tuple[str, dict]]) -> str:
-    """Each run's online pairs per rate: FlexQuant / W8A8 for TTFT p50 (goal 1: ≤ 1.03×), TPOT p50
-    (goal 3: ≤ 0.85×) and output throughput, median over pairs with the 95% interval."""
+    """Each run's online pairs per rate, and all runs' pooled where there are several: FlexQuant / W8A8
+    for TTFT p50 (goal 1: ≤ 1.03×), TPOT p50 (goal 3: ≤ 0.85×) and output throughput, median over
+    pairs with the 95% interval."""
     lines = ["| run | rate req/s | measure | W8A8 / FlexQuant (medians) | ratio [95%] (pairs) | verdict |",
              "|---|---|---|---|---|---|"]
-    for name, rec in records:
-        for s in pair_rows(rec):
+    runs = [(name, pair_rows(rec)) for name, rec in records]
+    if sum(1 for _, rows in runs if rows) > 1:  # pairs stay within their machine (pooled_rows)
+        runs.append(("pooled", online_pair_summary(pooled_rows(records, "online_pairs"), "w8a8")))
+    for name, rows in runs:
+        for s in rows:
             lines.append(
                 f"| {name} | {s['rate']:g} | {s['measure']} | "
                 f"{s['baseline_median']:.2f} / {s['median']:.2f} | {s['ratio_median']:.3f}× "
