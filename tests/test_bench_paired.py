@@ -646,10 +646,10 @@ def test_paired_report_script_prints_every_section_for_the_committed_runs():
 
 
 def test_paired_report_pools_online_pairs_within_machines_and_prints_only_measured_sections():
-    """Runs 15 and 17 (machine-4, machine-5) have online pairs only: no burst or window section, and a
+    """Runs 15, 17 and 18 (machine-4 to -6) have online pairs only: no burst or window section, and a
     pooled row whose median is over every pair's own FlexQuant / W8A8 ratio."""
     runs = [(n, r) for n, r in committed_runs() if r.get("online_pairs")]
-    assert [n for n, _ in runs] == ["machine-4", "machine-5"]
+    assert [n for n, _ in runs] == ["machine-4", "machine-5", "machine-6"]
     proc = subprocess.run([sys.executable, "scripts/paired_report.py",
                            *(str(PAIRED_DOCS / n / "paired.json") for n, _ in runs)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
