@@ -91,21 +91,31 @@ def test_four_calls_agree_on_w8a8_and_marlin():
 @pytest.mark.parametrize("name", ["llama3-8b-b.json", "llama3-8b-c.json", "llama3-8b-d.json",
                                   "qwen2-7b-b.json"])
 def test_what_the_docs_say_of_the_survey(name):
-    """docs/benchmarks/README.md, run 16: at 40-48 decode rows (24 req/s) no int4 kernel is 5% faster
-    than W8A8's; up to 32 rows Marlin is the fastest int4 kernel except tinygemm at one row; no int4
-    kernel reaches half the HBM roofline."""
+    """docs/benchmarks/README.md, run 16: at 40-48 decode rows (24 req/s) no int4 kernel is 3% faster
+    than W8A8's (Qwen2-7B shapes: 5%); up to 32 rows Marlin is the fastest int4 kernel except
+    tinygemm at one row; no int4 kernel reaches half the HBM roofline; W4A8-INT8 Marlin only passes
+    W4A16 Marlin where W8A8 is faster than both."""
     result = load(name)
     kernels = [k for k in INT4 if k in result["per_step_ms"]]
     roof = roofline_ms(SHAPES[result["shapes"]])
     for rows in result["batches"]:
         w8a8 = step_ms(result, "w8a8-cutlass", rows)
-        if rows in (40, 48):
-            assert min(step_ms(result, k, rows) for k in kernels) / w8a8 > 0.95
+        if rows in (40, 48):  # Llama-3-8B: within 3%; Qwen2-7B: Marlin 5% faster
+            bound = 0.97 if result["shapes"] == "llama3-8b" else 0.95
+            assert min(step_ms(result, k, rows) for k in kernels) / w8a8 > bound
         fastest = min(kernels, key=lambda k: step_ms(result, k, rows))
         if rows <= 32:
             tinygemm_wins = rows == 1 and "w4a16-tinygemm" in kernels
             assert fastest == ("w4a16-tinygemm" if tinygemm_wins else "w4a16-marlin")
         assert all(roof / step_ms(result, k, rows) < 0.5 for k in kernels)
+        if "w4a8-marlin" in kernels and result["shapes"] == "llama3-8b":  # Marlin, int8 activations
+            a8 = step_ms(result, "w4a8-marlin", rows) / step_ms(result, "w4a16-marlin", rows)
+            if rows <= 32:
+                assert 1.05 < a8 < 1.25
+            elif rows <= 48:
+                assert abs(a8 - 1) < 0.015
+            else:
+                assert a8 < 1 and w8a8 < step_ms(result, "w4a8-marlin", rows)
 
 
 def test_the_report_script_prints_every_file():
