@@ -123,3 +123,10 @@ def test_the_report_script_prints_every_file():
                          capture_output=True, text=True, check=True).stdout
     assert out.count("## ") == len(SURVEYS)
     assert "| 1 | 3.229 (1.000×) | 2.297 (0.711×) | 2.171 (0.672×) |" in out  # run c, batch 1
+
+
+def test_the_gpu_script_imports_and_parses_its_arguments_without_a_gpu():
+    """It runs only on the GPU machine; here at least its imports and options must hold."""
+    out = subprocess.run([sys.executable, "scripts/gpu/int4_kernels.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--kernels" in out and "--shapes" in out

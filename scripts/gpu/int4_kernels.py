@@ -18,15 +18,16 @@ Usage (GPU machine, after scripts/gpu/setup.sh installed the workbench):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+from pathlib import Path
 
 import torch
 
+from workbench.bench import results_file
 from workbench.bench.kernel_survey import GROUP, decoder_linears, survey_markdown
 from workbench.quant.shapes import SHAPES
 
-L2_DEFEAT_BYTES = 256 << 20
+L2_DEFEAT_BYTES = 256 << 20  # weight copies per linear: at least this much, 5x the H100's 50 MB L2
 
 
 def w8a8_op(k: int, n: int, copies: int):
@@ -138,6 +139,7 @@ KERNELS = {
     "w4a16-triton": lambda k, n, c: triton_op(k, n, c),
     "w4a16-tinygemm": lambda k, n, c: tinygemm_op(k, n, c),
 }
+BYTES_PER_WEIGHT = {kernel: 1.0 if kernel.startswith("w8") else 0.5 for kernel in KERNELS}
 
 
 def time_op(call, k: int, copies: int, m: int, calls_per_graph: int = 48, replays: int = 7) -> float:
@@ -212,8 +214,7 @@ def main() -> None:
         per_linear = {}
         try:
             for k, n in linears:
-                weight_bytes = k * n if kernel.startswith("w8") else k * n // 2
-                copies = max(2, -(-L2_DEFEAT_BYTES // weight_bytes))
+                copies = max(2, -(-L2_DEFEAT_BYTES // int(k * n * BYTES_PER_WEIGHT[kernel])))
                 call = KERNELS[kernel](k, n, copies)
                 per_linear[f"{k}x{n}"] = {m: time_op(call, k, copies, m) for m in batches}
                 torch.cuda.empty_cache()
@@ -225,11 +226,9 @@ def main() -> None:
         result["per_step_ms"][kernel] = {
             m: shape.layers * sum(v[m] for v in per_linear.values()) / 1000 for m in batches}
         print(kernel, {m: round(t, 3) for m, t in result["per_step_ms"][kernel].items()}, flush=True)
-    result = json.loads(json.dumps(result))  # the table reads the file's form (string keys)
     if "w8a8-cutlass" in result["per_step_ms"]:
         print("\n".join(["", *survey_markdown(result)]))
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    results_file.write_json(Path(args.out), result)  # atomically: never half a file
 
 
 if __name__ == "__main__":

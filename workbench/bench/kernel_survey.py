@@ -8,7 +8,7 @@ turn its JSON into a Markdown table with ratios to W8A8 and shares of the HBM ro
 
 from __future__ import annotations
 
-from workbench.bench.weights import H100_HBM_TB_S
+from workbench.bench.weights import H100_HBM_TB_S, roofline_fraction
 from workbench.quant.shapes import SHAPES, ShapeSpec
 
 __all__ = ["GROUP", "decoder_linears", "int4_linear_bytes", "roofline_ms", "survey_markdown"]
@@ -45,30 +45,27 @@ def survey_markdown(result: dict, baseline: str = "w8a8-cutlass") -> list[str]:
     """One row per decode batch: each kernel's linear ms per step and its ratio to `baseline`; then
     each int4 kernel's share of the HBM roofline at a few batches."""
     shape = SHAPES[result["shapes"]]
-    kernels = list(result["per_step_ms"])
-    base = _step_ms(result, baseline)
-    roof = roofline_ms(shape)
+    step_ms = {kernel: _step_ms(result, kernel) for kernel in result["per_step_ms"]}
+    base = step_ms[baseline]
     lines = [
         f"Linear time of one decode step, {result['shapes']} shapes ({shape.layers} layers), "
         f"{result.get('device', '?')}, vLLM {result.get('vllm', '?')}: ms (× {baseline})",
         "",
-        "| rows | " + " | ".join(kernels) + " |",
-        "|---|" + "---|" * len(kernels),
+        "| rows | " + " | ".join(step_ms) + " |",
+        "|---|" + "---|" * len(step_ms),
     ]
     for rows in sorted(base):
-        cells = []
-        for kernel in kernels:
-            ms = _step_ms(result, kernel)[rows]
-            cells.append(f"{ms:.3f} ({ms / base[rows]:.3f}×)")
+        cells = [f"{ms[rows]:.3f} ({ms[rows] / base[rows]:.3f}×)" for ms in step_ms.values()]
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
     lines.append("")
     shown = [rows for rows in (1, 16, 32, 48) if rows in base]
-    lines.append(f"int4 roofline: {int4_linear_bytes(shape) / 1e9:.2f} GB of int4 weights and scales per "
-                 f"step = {roof:.3f} ms at {H100_HBM_TB_S} TB/s. Share of it reached at {shown} rows:")
-    for kernel in kernels:
+    int4_bytes = int4_linear_bytes(shape)
+    lines.append(f"int4 roofline: {int4_bytes / 1e9:.2f} GB of int4 weights and scales per step = "
+                 f"{roofline_ms(shape):.3f} ms at {H100_HBM_TB_S} TB/s. Share of it reached at {shown} rows:")
+    for kernel, ms in step_ms.items():
         if kernel != baseline:
-            step_ms = _step_ms(result, kernel)
-            lines.append(f"- {kernel}: " + ", ".join(f"{roof / step_ms[rows]:.0%}" for rows in shown))
+            lines.append(f"- {kernel}: " + ", ".join(f"{roofline_fraction(int4_bytes, ms[rows]):.0%}"
+                                                     for rows in shown))
     for kernel, error in (result.get("errors") or {}).items():
         lines.append(f"- {kernel}: failed: {error}")
     return lines
